@@ -1,0 +1,100 @@
+"""Parsing of the ``kms.*`` writer and reader options.
+
+Writer options:
+
+``kms.table`` (required)
+    Table name: 1 to 64 letters, digits, ``_`` or ``-``.
+``kms.column_keys`` (default: none)
+    Column key groups, ``group: col, col; group2: col``. Each group gets its
+    own KEK; every other column and the footer are encrypted under the table's
+    group, named ``table``. A struct, list or map column name covers all its leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from spark_kms.errors import InvalidOptionError
+from spark_kms.jobkeys import check_name
+
+__all__ = ["TABLE_GROUP", "WriteOptions", "parse_column_keys", "parse_write_options"]
+
+TABLE_GROUP = "table"
+TABLE = "kms.table"
+COLUMN_KEYS = "kms.column_keys"
+_WRITE_KEYS = {TABLE, COLUMN_KEYS}
+_READ_KEYS: set[str] = set()
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Parsed writer options."""
+
+    table: str
+    column_keys: dict[str, list[str]] = field(default_factory=dict)
+
+
+def parse_column_keys(text: str) -> dict[str, list[str]]:
+    """Parse ``group: col, col; group2: col`` into group to columns.
+
+    :raises InvalidOptionError: for an empty or malformed group, an invalid
+        group name, a group named ``table``, or a column listed twice.
+    """
+    groups: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        group, colon, columns_text = part.partition(":")
+        group = group.strip()
+        if not colon:
+            raise InvalidOptionError(
+                f"invalid {COLUMN_KEYS} entry {part.strip()!r}: expected 'group: column, column'"
+            )
+        check_name("key group", group)
+        if group == TABLE_GROUP:
+            raise InvalidOptionError(
+                f"key group name '{TABLE_GROUP}' is reserved for the footer and the columns "
+                f"without a column key; choose another name in {COLUMN_KEYS}"
+            )
+        if group in groups:
+            raise InvalidOptionError(f"key group '{group}' appears twice in {COLUMN_KEYS}")
+        columns = [c.strip() for c in columns_text.split(",")]
+        if not columns or any(not c for c in columns):
+            raise InvalidOptionError(
+                f"key group '{group}' in {COLUMN_KEYS} has an empty column name"
+            )
+        for column in columns:
+            if column in seen:
+                raise InvalidOptionError(
+                    f"column '{column}' is listed under key groups '{seen[column]}' and '{group}'; "
+                    "a column takes one key"
+                )
+            seen[column] = group
+        groups[group] = columns
+    return groups
+
+
+def parse_write_options(options: Mapping[str, str]) -> WriteOptions:
+    """Parse the writer options of ``kms_parquet``.
+
+    :raises InvalidOptionError: if ``kms.table`` is missing, an option is
+        invalid, or an unknown ``kms.*`` option is given.
+    """
+    lowered = {k.lower(): v for k, v in options.items()}
+    unknown = sorted(k for k in lowered if k.startswith("kms.") and k not in _WRITE_KEYS)
+    if unknown:
+        raise InvalidOptionError(
+            f"unknown option(s) {', '.join(unknown)}; kms_parquet writer options are "
+            + ", ".join(sorted(_WRITE_KEYS))
+        )
+    table = lowered.get(TABLE, "").strip()
+    if not table:
+        raise InvalidOptionError(
+            f"missing option {TABLE}: name the table, for example "
+            f".option('{TABLE}', 'flights')"
+        )
+    check_name("table", table)
+    column_keys = parse_column_keys(lowered.get(COLUMN_KEYS, ""))
+    return WriteOptions(table=table, column_keys=column_keys)

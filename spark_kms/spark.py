@@ -1,0 +1,140 @@
+"""Spark integration: :func:`configure` and the typed-error helpers.
+
+``configure(spark)`` is the one call a job or notebook makes. It reads the
+``spark.kms.*`` settings, logs in to the HSM once on the driver (so a wrong
+module, token or PIN fails here with a typed error), and registers the
+``kms_parquet`` data source bound to those settings.
+
+Spark runs data source code in separate Python workers and reports their
+errors as its own exception types. :func:`typed_errors` turns such an error
+back into the spark_kms error it carries.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from spark_kms import errors as _errors
+from spark_kms.datasource import data_source_class
+from spark_kms.errors import ConfigurationError, SparkKmsError
+from spark_kms.keyservice import EraseReport, KeyService
+from spark_kms.settings import PREFIX, KmsSettings
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = ["configure", "erase_table", "read_table", "typed_errors", "write_table"]
+
+log = logging.getLogger(__name__)
+
+_CONFIGURED: dict[str, KeyService] = {}
+_ERROR_PATTERN = re.compile(r"spark_kms\.errors\.(\w+): (.+)")
+
+
+def _settings_from_spark(spark: SparkSession) -> KmsSettings:
+    properties = {k: v for k, v in spark.sparkContext.getConf().getAll() if k.startswith(PREFIX)}
+    runtime = spark.conf.getAll if hasattr(spark.conf, "getAll") else None
+    if runtime is not None:
+        properties.update({k: v for k, v in runtime.items() if k.startswith(PREFIX)})
+    if not properties:
+        return KmsSettings.from_environment()
+    return KmsSettings.from_properties(properties)
+
+
+def configure(spark: SparkSession, settings: KmsSettings | None = None) -> KeyService:
+    """Enable spark_kms in ``spark`` and return the driver's key service.
+
+    :param settings: by default read from the session's ``spark.kms.*``
+        properties, or from the file named by ``SPARK_KMS_CONF``.
+    :raises ConfigurationError: if a setting is missing or invalid.
+    :raises HsmUnavailableError: if the token is missing, the PIN is wrong or a
+        required mechanism is not offered.
+    """
+    settings = settings or _settings_from_spark(spark)
+    service = KeyService(settings)
+    # Log in now: configuration errors surface here, typed, and not in a job.
+    service.hsm  # noqa: B018
+
+    spark.conf.set("spark.sql.python.filterPushdown.enabled", "true")
+    spark.dataSource.register(data_source_class(settings))
+    _CONFIGURED[spark.sparkContext.applicationId] = service
+    log.info("spark_kms configured for application %s with token %s", spark.sparkContext.applicationId, settings.token_label)
+    return service
+
+
+def _service_of(spark: SparkSession) -> KeyService:
+    service = _CONFIGURED.get(spark.sparkContext.applicationId)
+    if service is None:
+        raise ConfigurationError("spark_kms is not configured for this session; call spark_kms.configure(spark) first")
+    return service
+
+
+def erase_table(spark_or_service: SparkSession | KeyService, table: str) -> EraseReport:
+    """Crypto-erase ``table``; see :meth:`KeyService.erase_table`."""
+    service = spark_or_service if isinstance(spark_or_service, KeyService) else _service_of(spark_or_service)
+    return service.erase_table(table)
+
+
+@contextmanager
+def typed_errors() -> Iterator[None]:
+    """Re-raise a spark_kms error that Spark reports inside its own exception.
+
+    The original Spark exception is kept as ``__cause__``.
+    """
+    try:
+        yield
+    except SparkKmsError:
+        raise
+    except Exception as error:
+        typed = _typed_from_text(str(error))
+        if typed is None:
+            raise
+        raise typed from error
+
+
+def _typed_from_text(text: str) -> SparkKmsError | None:
+    matches = _ERROR_PATTERN.findall(text)
+    if not matches:
+        return None
+    name, message = matches[-1]
+    cls = getattr(_errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SparkKmsError)):
+        return None
+    error = SparkKmsError.__new__(cls)
+    Exception.__init__(error, message.strip())
+    if isinstance(error, _errors.TableErasedError):
+        table = re.search(r"table '([^']+)'", message)
+        error.table = table.group(1) if table else ""
+    return error
+
+
+def write_table(
+    df: DataFrame,
+    path: str,
+    *,
+    table: str,
+    column_keys: str | None = None,
+    mode: str = "append",
+) -> None:
+    """Write ``df`` to the encrypted table at ``path``, raising typed errors.
+
+    :param mode: ``append`` or ``overwrite``.
+    """
+    writer = df.write.format("kms_parquet").option("kms.table", table).mode(mode)
+    if column_keys:
+        writer = writer.option("kms.column_keys", column_keys)
+    with typed_errors():
+        writer.save(path)
+
+
+def read_table(spark: SparkSession, path: str) -> DataFrame:
+    """Read the encrypted table at ``path``, raising typed errors.
+
+    Spark reads lazily: wrap the actions in :func:`typed_errors` too.
+    """
+    with typed_errors():
+        return spark.read.format("kms_parquet").load(path)
