@@ -55,7 +55,9 @@ def main(output: str) -> int:
     # 1. Write the table, tailnum under the pii column key.
     mark = service.audit.count()
     started = time.monotonic()
-    spark_kms.write_table(source, flights_path, table="flights", column_keys="pii: tailnum", mode="overwrite")
+    spark_kms.write_table(
+        source, flights_path, table="flights", column_keys="pii: tailnum", mode="overwrite"
+    )
     write_seconds = time.monotonic() - started
     write_calls = hsm_calls(service, mark)
     files = sorted(f for f in os.listdir(flights_path) if f.endswith(".parquet"))
@@ -91,7 +93,9 @@ def main(output: str) -> int:
     aggregate_seconds = time.monotonic() - started
     print("\nJFK departures in July, top carriers:")
     for row in top:
-        print(f"  {row['carrier']:<4} {row['flights']:>6} flights, mean departure delay {row['mean_dep_delay']} min")
+        print(
+            f"  {row['carrier']:<4} {row['flights']:>6} flights, mean departure delay {row['mean_dep_delay']} min"
+        )
 
     # 4. Crypto-erasure of a second table.
     erased_path = os.path.join(output, "flights_erased")
@@ -103,7 +107,9 @@ def main(output: str) -> int:
         with spark_kms.typed_errors():
             spark.read.format("kms_parquet").load(erased_path).count()
     except TableErasedError as error:
-        print(f"\nreading {erased_name} after erasure fails as it should:\n  TableErasedError: {error}")
+        print(
+            f"\nreading {erased_name} after erasure fails as it should:\n  TableErasedError: {error}"
+        )
     else:
         raise AssertionError(f"reading erased table {erased_name} succeeded")
 
@@ -115,7 +121,10 @@ def main(output: str) -> int:
         ("write time", f"{write_seconds:.1f} s"),
         ("read + count time", f"{read_seconds:.1f} s"),
         ("filtered aggregate time", f"{aggregate_seconds:.1f} s"),
-        ("erasure", f"{report.destroyed_objects} key object(s) destroyed in {report.seconds * 1000:.0f} ms"),
+        (
+            "erasure",
+            f"{report.destroyed_objects} key object(s) destroyed in {report.seconds * 1000:.0f} ms",
+        ),
     ]
     print("\nspark_kms demo summary")
     for label, value in summary:

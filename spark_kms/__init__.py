@@ -6,6 +6,10 @@ Call :func:`configure` once per Spark session, then write and read with
 
 from __future__ import annotations
 
+import logging as _logging
+import os as _os
+import sys as _sys
+
 from spark_kms.errors import (
     AccessDeniedError,
     AmbiguousKeyError,
@@ -47,3 +51,21 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def _log_to_stderr_if_asked() -> None:
+    # Spark's Python workers configure no logging. SPARK_KMS_LOG_LEVEL (for
+    # example DEBUG) sends this package's records to the worker's stderr,
+    # which Spark copies into the executor and driver logs.
+    level = _os.environ.get("SPARK_KMS_LOG_LEVEL", "").upper()
+    if not level:
+        return
+    logger = _logging.getLogger("spark_kms")
+    if not logger.handlers:
+        handler = _logging.StreamHandler(_sys.stderr)
+        handler.setFormatter(_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+_log_to_stderr_if_asked()

@@ -39,7 +39,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     audit_folder = os.path.dirname(settings.audit_log)
     if audit_folder:
         os.makedirs(audit_folder, exist_ok=True)
-    print(f"token '{settings.token_label}' in {settings.module_path}: login and AES-GCM check passed")
+    print(
+        f"token '{settings.token_label}' in {settings.module_path}: login and AES-GCM check passed"
+    )
     print(f"registry: {settings.registry_dir}")
     print(f"audit log: {settings.audit_log}")
     return 0
@@ -56,7 +58,9 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     for entry in entries:
         prefix = f"spark_kms/{entry.table}/{entry.table_id}/"
         versions = [label.rsplit("/", 1)[-1] for label in labels if label.startswith(prefix)]
-        print(f"{entry.table:<24} {entry.state:<8} {','.join(versions) or '-':<22} {entry.location}")
+        print(
+            f"{entry.table:<24} {entry.state:<8} {','.join(versions) or '-':<22} {entry.location}"
+        )
     return 0
 
 
@@ -113,16 +117,24 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spark-kms", description="Key lifecycle of spark_kms tables.")
-    parser.add_argument("--conf-file", help="properties file with spark.kms.* settings (default: $SPARK_KMS_CONF)")
+    parser = argparse.ArgumentParser(
+        prog="spark-kms", description="Key lifecycle of spark_kms tables."
+    )
+    parser.add_argument(
+        "--conf-file", help="properties file with spark.kms.* settings (default: $SPARK_KMS_CONF)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    init = commands.add_parser("init", help="check the HSM settings and create the registry and audit folders")
+    init = commands.add_parser(
+        "init", help="check the HSM settings and create the registry and audit folders"
+    )
     init.set_defaults(func=_cmd_init)
 
     keys = commands.add_parser("keys", help="master keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
-    keys_list = keys_commands.add_parser("list", help="list tables and their master keys in the token")
+    keys_list = keys_commands.add_parser(
+        "list", help="list tables and their master keys in the token"
+    )
     keys_list.add_argument("--json", action="store_true", help="print JSON")
     keys_list.set_defaults(func=_cmd_keys_list)
 
@@ -138,9 +150,15 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="print or verify the audit log")
     audit.add_argument("--table", help="only records of this table")
-    audit.add_argument("--operation", help="only records of this operation (wrap_kek, unwrap_kek, erase, ...)")
-    audit.add_argument("--since", help="only records at or after this ISO 8601 time, e.g. 2026-12-01")
-    audit.add_argument("--verify", action="store_true", help="check the hash chain instead of printing")
+    audit.add_argument(
+        "--operation", help="only records of this operation (wrap_kek, unwrap_kek, erase, ...)"
+    )
+    audit.add_argument(
+        "--since", help="only records at or after this ISO 8601 time, e.g. 2026-12-01"
+    )
+    audit.add_argument(
+        "--verify", action="store_true", help="check the hash chain instead of printing"
+    )
     audit.set_defaults(func=_cmd_audit)
     return parser
 

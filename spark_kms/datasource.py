@@ -25,39 +25,14 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark.sql.datasource import (
     DataSource,
     DataSourceArrowWriter,
     DataSourceReader,
-    EqualNullSafe,
-    EqualTo,
-    Filter,
-    GreaterThan,
-    GreaterThanOrEqual,
-    In,
     InputPartition,
-    IsNotNull,
-    IsNull,
-    LessThan,
-    LessThanOrEqual,
-    Not,
-    StringContains,
-    StringEndsWith,
-    StringStartsWith,
     WriterCommitMessage,
 )
-from pyspark.sql.types import (
-    BooleanType,
-    ByteType,
-    DataType,
-    DateType,
-    IntegerType,
-    LongType,
-    ShortType,
-    StringType,
-    StructType,
-)
+from pyspark.sql.types import StructType
 
 from spark_kms.errors import CommitError, InvalidOptionError, SparkKmsError
 from spark_kms.jobkeys import JobKeys
@@ -175,7 +150,12 @@ class KmsParquetDataSource(DataSource):
             rest = [p for p in leaf_paths(arrow_schema) if p not in covered]
             if rest:
                 column_keys[footer_kek_id] = rest
-        plan = EncryptionPlan(job_id=job_id, footer_kek_id=footer_kek_id, column_keys=column_keys, keys=write_keys.keys)
+        plan = EncryptionPlan(
+            job_id=job_id,
+            footer_kek_id=footer_kek_id,
+            column_keys=column_keys,
+            keys=write_keys.keys,
+        )
         log.info(
             "write job %s on table %s: %d KEK(s) minted in %.3f s",
             job_id,
@@ -214,7 +194,9 @@ def _to_arrow_schema(schema: StructType) -> pa.Schema:
 
 def _check_append_schema(table: str, stored_json: str, schema: StructType) -> None:
     stored = StructType.fromJson(json.loads(stored_json))
-    if [(f.name, f.dataType) for f in stored.fields] != [(f.name, f.dataType) for f in schema.fields]:
+    if [(f.name, f.dataType) for f in stored.fields] != [
+        (f.name, f.dataType) for f in schema.fields
+    ]:
         raise InvalidOptionError(
             f"cannot append to table '{table}': the DataFrame schema {schema.simpleString()} "
             f"differs from the table schema {stored.simpleString()}; use mode('overwrite') "
@@ -234,7 +216,7 @@ def _check_projection(table: str, stored_json: str, schema: StructType) -> None:
 
 
 @dataclass
-class KmsCommitMessage(WriterCommitMessage):  # type: ignore[misc]
+class KmsCommitMessage(WriterCommitMessage):
     """What one task staged: file names relative to the job's staging folder."""
 
     files: list[str] = field(default_factory=list)
@@ -276,7 +258,9 @@ class KmsParquetWriter(DataSourceArrowWriter):
         filesystem.create_dir(staging, recursive=True)
         path = f"{staging}/{name}"
         try:
-            rows, written_schema = write_encrypted_file(iterator, path, plan=self.plan, filesystem=filesystem)
+            rows, written_schema = write_encrypted_file(
+                iterator, path, plan=self.plan, filesystem=filesystem
+            )
         except BaseException:
             _delete_quietly(filesystem, path)
             raise
@@ -295,7 +279,12 @@ class KmsParquetWriter(DataSourceArrowWriter):
         plaintext = [f for f in files if not is_encrypted_file(filesystem, f"{self.staging}/{f}")]
         if plaintext:
             self._remove_staging(filesystem)
-            service.audit.append("commit", table=self.table, outcome="failed: plaintext file", job_id=self.plan.job_id)
+            service.audit.append(
+                "commit",
+                table=self.table,
+                outcome="failed: plaintext file",
+                job_id=self.plan.job_id,
+            )
             raise CommitError(
                 f"job {self.plan.job_id} staged {len(plaintext)} file(s) that are not encrypted "
                 f"({', '.join(plaintext[:5])}); nothing was committed to table '{self.table}'"
@@ -332,13 +321,25 @@ class KmsParquetWriter(DataSourceArrowWriter):
             rows=rows,
             mode=record.mode,
         )
-        log.info("committed job %s to table %s: %d file(s), %d row(s)", self.plan.job_id, self.table, len(files), rows)
+        log.info(
+            "committed job %s to table %s: %d file(s), %d row(s)",
+            self.plan.job_id,
+            self.table,
+            len(files),
+            rows,
+        )
 
     def abort(self, messages: list[WriterCommitMessage | None]) -> None:
         store = KeyringStore(self.location)
         self._remove_staging(store.filesystem)
-        _service(self.properties).audit.append("abort", table=self.table, outcome="ok", job_id=self.plan.job_id)
-        log.warning("aborted job %s on table %s; its staged files were removed", self.plan.job_id, self.table)
+        _service(self.properties).audit.append(
+            "abort", table=self.table, outcome="ok", job_id=self.plan.job_id
+        )
+        log.warning(
+            "aborted job %s on table %s; its staged files were removed",
+            self.plan.job_id,
+            self.table,
+        )
 
     def _remove_staging(self, filesystem: Any) -> None:
         try:
@@ -347,7 +348,7 @@ class KmsParquetWriter(DataSourceArrowWriter):
             pass
 
 
-class KmsFilePartition(InputPartition):  # type: ignore[misc]
+class KmsFilePartition(InputPartition):
     """One file to read, with the KEKs it needs."""
 
     def __init__(self, path: str, keys: JobKeys) -> None:
@@ -360,26 +361,29 @@ class KmsFilePartition(InputPartition):  # type: ignore[misc]
 
 
 class KmsParquetReader(DataSourceReader):
-    """Reader of one query; unwraps the KEKs in ``partitions`` on the driver."""
+    """Reader of one query; unwraps the KEKs in ``partitions`` on the driver.
 
-    def __init__(self, *, table: str, location: str, schema: StructType, properties: dict[str, str]) -> None:
+    Reads the columns of ``schema``: a schema given with ``.schema(...)`` that
+    names a subset of the table's columns reads only those columns.
+
+    NOTE: no ``pushFilters``. PySpark 4.2.0 and 4.3.0 keep the read plan of the
+    last filtered query on the DataFrame's relation and reuse it for a later
+    query on the same DataFrame without filters, which would then return only
+    the rows of the old filter. Spark evaluates every filter after the scan
+    instead; the native Parquet reader through the JVM bridge does push filters.
+    """
+
+    def __init__(
+        self, *, table: str, location: str, schema: StructType, properties: dict[str, str]
+    ) -> None:
         self.table = table
         self.location = location
         self.schema = schema
         self.properties = properties
-        self.filters: list[Filter] = []
         self.job_id = uuid.uuid4().hex[:16]
 
     def __repr__(self) -> str:
         return f"KmsParquetReader(table={self.table!r}, job_id={self.job_id!r})"
-
-    def pushFilters(self, filters: list[Filter]) -> Iterator[Filter]:  # noqa: N802 (Spark's name)
-        types = {f.name: f.dataType for f in self.schema.fields}
-        for candidate in filters:
-            if _filter_to_expression(candidate, types) is not None:
-                self.filters.append(candidate)
-            else:
-                yield candidate
 
     def partitions(self) -> Sequence[InputPartition]:
         service = _service(self.properties)
@@ -399,11 +403,21 @@ class KmsParquetReader(DataSourceReader):
         if unknown:
             needed.update(store.list_kek_ids())
         keys = service.unwrap_keks(meta, store, needed, job_id=self.job_id)
-        log.info("read job %s on table %s: %d file(s), %d KEK(s)", self.job_id, self.table, len(files), len(keys))
+        log.info(
+            "read job %s on table %s: %d file(s), %d KEK(s)",
+            self.job_id,
+            self.table,
+            len(files),
+            len(keys),
+        )
         partitions: list[InputPartition] = []
         for name in files:
             wanted = by_file.get(name)
-            partitions.append(KmsFilePartition(f"{store.location}/{name}", keys if wanted is None else keys.subset(wanted)))
+            partitions.append(
+                KmsFilePartition(
+                    f"{store.location}/{name}", keys if wanted is None else keys.subset(wanted)
+                )
+            )
         return partitions
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
@@ -411,69 +425,16 @@ class KmsParquetReader(DataSourceReader):
         if not partition.path:
             return
         filesystem, path = resolve_location(partition.path)
-        types = {f.name: f.dataType for f in self.schema.fields}
-        expression = None
-        for pushed in self.filters:
-            part = _filter_to_expression(pushed, types)
-            expression = part if expression is None else expression & part
         columns = [f.name for f in self.schema.fields]
-        dataset = open_encrypted_dataset([path], keys=partition.keys, filesystem=filesystem, job_id=self.job_id)
+        dataset = open_encrypted_dataset(
+            [path], keys=partition.keys, filesystem=filesystem, job_id=self.job_id
+        )
         try:
-            for batch in dataset.to_batches(columns=columns, filter=expression, batch_size=65536):
-                yield batch
+            yield from dataset.to_batches(columns=columns, batch_size=65536)
         except SparkKmsError:
             raise
         except (OSError, pa.ArrowException) as error:
             raise check_readable(error, partition.path) from None
-
-
-# Pushed filters are evaluated by Arrow with SQL null semantics. Only types
-# whose comparisons behave exactly as in Spark are pushed; floats (NaN
-# ordering), timestamps (time zones) and decimals stay with Spark.
-_PUSHABLE_TYPES = (BooleanType, ByteType, ShortType, IntegerType, LongType, StringType, DateType)
-_NEGATABLE = (EqualTo, GreaterThan, GreaterThanOrEqual, LessThan, LessThanOrEqual, IsNull, IsNotNull)
-
-
-def _filter_to_expression(candidate: Filter, types: dict[str, DataType]) -> Any:
-    if isinstance(candidate, Not):
-        # Arrow's is_in answers false, not null, for a null input, so a negated
-        # In would keep rows that SQL drops; only null-propagating filters are negated.
-        if not isinstance(candidate.child, _NEGATABLE):
-            return None
-        inner = _filter_to_expression(candidate.child, types)
-        return None if inner is None else ~inner
-    attribute = getattr(candidate, "attribute", None)
-    if attribute is None or len(attribute) != 1 or not isinstance(types.get(attribute[0]), _PUSHABLE_TYPES):
-        return None
-    column = pc.field(attribute[0])
-    value = getattr(candidate, "value", None)
-    if isinstance(candidate, EqualTo):
-        return column == value
-    if isinstance(candidate, EqualNullSafe):
-        return column.is_null() if value is None else (column == value) & column.is_valid()
-    if isinstance(candidate, GreaterThan):
-        return column > value
-    if isinstance(candidate, GreaterThanOrEqual):
-        return column >= value
-    if isinstance(candidate, LessThan):
-        return column < value
-    if isinstance(candidate, LessThanOrEqual):
-        return column <= value
-    if isinstance(candidate, In):
-        if any(v is None for v in value):
-            return None
-        return column.isin(list(value))
-    if isinstance(candidate, IsNull):
-        return column.is_null()
-    if isinstance(candidate, IsNotNull):
-        return column.is_valid()
-    if isinstance(candidate, StringStartsWith):
-        return pc.starts_with(column, value)
-    if isinstance(candidate, StringEndsWith):
-        return pc.ends_with(column, value)
-    if isinstance(candidate, StringContains):
-        return pc.match_substring(column, value)
-    return None
 
 
 def _delete_quietly(filesystem: Any, path: str) -> None:

@@ -97,7 +97,9 @@ def read_pin(*, pin_file: str | None, pin_env: str | None) -> str:
         pin = os.environ.get(pin_env, "").strip()
         source = f"environment variable {pin_env}"
     else:
-        raise ConfigurationError("no PIN source: set spark.kms.hsm.pin.file or spark.kms.hsm.pin.env")
+        raise ConfigurationError(
+            "no PIN source: set spark.kms.hsm.pin.file or spark.kms.hsm.pin.env"
+        )
     if not pin:
         raise ConfigurationError(f"the PIN {source} is empty or not set")
     return pin
@@ -275,7 +277,9 @@ class Hsm:
             return self._find_key_in(session, label)
 
     def _find_key_in(self, session: Any, label: str) -> Any:
-        found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}))
+        found = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
+        )
         if not found:
             raise KeyNotFoundError(f"no key labelled '{label}' in token '{self.token_label}'")
         if len(found) > 1:
@@ -320,7 +324,10 @@ class Hsm:
     def list_key_labels(self, prefix: str = "") -> list[str]:
         """Return the labels of every secret key whose label starts with ``prefix``."""
         with self.session() as session:
-            labels = [obj[Attribute.LABEL] for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})]
+            labels = [
+                obj[Attribute.LABEL]
+                for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})
+            ]
         return sorted(label for label in labels if label.startswith(prefix))
 
     def generate_master_key(self, label: str) -> None:
@@ -329,9 +336,15 @@ class Hsm:
         :raises AmbiguousKeyError: if a key with this label already exists.
         """
         with self.session() as session:
-            existing = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}))
+            existing = list(
+                session.get_objects(
+                    {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+                )
+            )
             if existing:
-                raise AmbiguousKeyError(f"a key labelled '{label}' already exists in token '{self.token_label}'")
+                raise AmbiguousKeyError(
+                    f"a key labelled '{label}' already exists in token '{self.token_label}'"
+                )
             self.stats.generate += 1
             session.generate_key(
                 KeyType.AES,
@@ -359,7 +372,11 @@ class Hsm:
         with self.session() as session:
             key = self._find_key_in(session, label)
             self.stats.encrypt += 1
-            sealed = key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS))
+            sealed = key.encrypt(
+                plaintext,
+                mechanism=Mechanism.AES_GCM,
+                mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
+            )
         return nonce + bytes(sealed)
 
     def decrypt(self, label: str, blob: bytes, aad: bytes) -> bytes:
@@ -369,13 +386,21 @@ class Hsm:
         :raises IntegrityError: if authentication fails.
         """
         if len(blob) < GCM_NONCE_LENGTH + GCM_TAG_BITS // 8:
-            raise IntegrityError(f"wrapped value for key '{label}' is too short ({len(blob)} bytes)")
+            raise IntegrityError(
+                f"wrapped value for key '{label}' is too short ({len(blob)} bytes)"
+            )
         nonce, sealed = blob[:GCM_NONCE_LENGTH], blob[GCM_NONCE_LENGTH:]
         with self.session() as session:
             key = self._find_key_in(session, label)
             self.stats.decrypt += 1
             try:
-                return bytes(key.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
+                return bytes(
+                    key.decrypt(
+                        sealed,
+                        mechanism=Mechanism.AES_GCM,
+                        mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
+                    )
+                )
             except (
                 pkcs11_errors.EncryptedDataInvalid,
                 pkcs11_errors.EncryptedDataLenRange,
@@ -394,11 +419,20 @@ class Hsm:
         :returns: the number of objects destroyed.
         """
         with self.session() as session:
-            found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}))
+            found = list(
+                session.get_objects(
+                    {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+                )
+            )
             for obj in found:
                 self.stats.destroy += 1
                 obj.destroy()
-        log.info("destroyed %d key object(s) labelled %s in token %s", len(found), label, self.token_label)
+        log.info(
+            "destroyed %d key object(s) labelled %s in token %s",
+            len(found),
+            label,
+            self.token_label,
+        )
         return len(found)
 
 

@@ -211,7 +211,9 @@ class KeyringStore:
         """
         path = self._kek_path(record.kek_id)
         if self._is_file(path):
-            raise IntegrityError(f"KEK record {record.kek_id} already exists; KEK records are never replaced")
+            raise IntegrityError(
+                f"KEK record {record.kek_id} already exists; KEK records are never replaced"
+            )
         self._write_atomically(path, _dump(asdict(record)))
         log.info("persisted KEK record %s of table %s", record.kek_id, record.table)
 
@@ -230,7 +232,9 @@ class KeyringStore:
             raise KeyNotFoundError(f"no KEK record {kek_id} in {self.keyring}/keks")
         record = KekRecord.from_json(text, path)
         if record.kek_id != kek_id:
-            raise IntegrityError(f"{path} holds the record of KEK {record.kek_id!r}, not {kek_id!r}")
+            raise IntegrityError(
+                f"{path} holds the record of KEK {record.kek_id!r}, not {kek_id!r}"
+            )
         return record
 
     def list_kek_ids(self) -> list[str]:
@@ -240,7 +244,9 @@ class KeyringStore:
 
     def put_commit_record(self, record: CommitRecord) -> None:
         """Persist the record of a committed job."""
-        self._write_atomically(f"{self.keyring}/commits/{record.job_id}.json", _dump(asdict(record)))
+        self._write_atomically(
+            f"{self.keyring}/commits/{record.job_id}.json", _dump(asdict(record))
+        )
 
     def list_commit_records(self) -> list[CommitRecord]:
         """Return every commit record, oldest first."""
@@ -316,5 +322,7 @@ def _parse_object(text: str, source: str) -> dict[str, Any]:
 def _field(data: dict[str, Any], name: str, kind: type, source: str) -> Any:
     value = data.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise IntegrityError(f"{source} has a missing or invalid field {name!r} (expected {kind.__name__})")
+        raise IntegrityError(
+            f"{source} has a missing or invalid field {name!r} (expected {kind.__name__})"
+        )
     return value

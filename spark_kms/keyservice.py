@@ -203,15 +203,39 @@ class KeyService:
         )
         store.write_metadata(meta)
         self.registry.put(
-            RegistryEntry(table=table, table_id=table_id, location=store.location, state="active", created_at=meta.created_at)
+            RegistryEntry(
+                table=table,
+                table_id=table_id,
+                location=store.location,
+                state="active",
+                created_at=meta.created_at,
+            )
         )
         self.audit.append(
-            "create_master_key", table=table, outcome="ok", key_label=label, key_version=1, table_id=table_id
+            "create_master_key",
+            table=table,
+            outcome="ok",
+            key_label=label,
+            key_version=1,
+            table_id=table_id,
         )
-        log.info("created table %s (id %s) at %s with master key %s", table, table_id, store.location, label)
+        log.info(
+            "created table %s (id %s) at %s with master key %s",
+            table,
+            table_id,
+            store.location,
+            label,
+        )
         return meta
 
-    def mint_keks(self, meta: TableMetadata, store: KeyringStore, groups: Iterable[str], *, job_id: str | None = None) -> WriteKeys:
+    def mint_keks(
+        self,
+        meta: TableMetadata,
+        store: KeyringStore,
+        groups: Iterable[str],
+        *,
+        job_id: str | None = None,
+    ) -> WriteKeys:
         """Mint one KEK per key group, wrap each in the HSM and persist its record.
 
         This is one HSM call per group, whatever the number of files the job writes.
@@ -224,10 +248,19 @@ class KeyService:
             kek_id = f"{meta.table}.{group}.k{job_id}"
             kek = os.urandom(KEK_BYTES)
             try:
-                wrapped = self.hsm.encrypt(meta.master_key_label, kek, _kek_aad(meta.table_id, kek_id))
+                wrapped = self.hsm.encrypt(
+                    meta.master_key_label, kek, _kek_aad(meta.table_id, kek_id)
+                )
             except KeyNotFoundError:
-                self.audit.append("wrap_kek", table=meta.table, outcome="failed: master key missing", kek_ids=[kek_id])
-                raise TableErasedError(meta.table, "its master key is missing from the token") from None
+                self.audit.append(
+                    "wrap_kek",
+                    table=meta.table,
+                    outcome="failed: master key missing",
+                    kek_ids=[kek_id],
+                )
+                raise TableErasedError(
+                    meta.table, "its master key is missing from the token"
+                ) from None
             store.put_kek_record(
                 KekRecord(
                     kek_id=kek_id,
@@ -268,11 +301,20 @@ class KeyService:
                 "write it with format 'kms_parquet' first"
             )
         entry = self.registry.get(meta.table)
-        if meta.state == "erased" or (entry is not None and entry.state == "erased" and entry.table_id == meta.table_id):
+        if meta.state == "erased" or (
+            entry is not None and entry.state == "erased" and entry.table_id == meta.table_id
+        ):
             raise TableErasedError(meta.table)
         return meta, store
 
-    def unwrap_keks(self, meta: TableMetadata, store: KeyringStore, kek_ids: Iterable[str], *, job_id: str | None = None) -> JobKeys:
+    def unwrap_keks(
+        self,
+        meta: TableMetadata,
+        store: KeyringStore,
+        kek_ids: Iterable[str],
+        *,
+        job_id: str | None = None,
+    ) -> JobKeys:
         """Unwrap each KEK in ``kek_ids`` once in the HSM.
 
         :raises TableErasedError: if the master key that wrapped a KEK is gone.
@@ -283,18 +325,38 @@ class KeyService:
         for kek_id in sorted(set(kek_ids)):
             record = store.get_kek_record(kek_id)
             if record.table_id != meta.table_id:
-                raise IntegrityError(f"KEK record {kek_id} belongs to table id {record.table_id}, not {meta.table_id}")
+                raise IntegrityError(
+                    f"KEK record {kek_id} belongs to table id {record.table_id}, not {meta.table_id}"
+                )
             try:
                 wrapped = base64.b64decode(record.wrapped_kek, validate=True)
             except ValueError:
-                raise IntegrityError(f"KEK record {kek_id} holds a wrapped key that is not valid base64") from None
+                raise IntegrityError(
+                    f"KEK record {kek_id} holds a wrapped key that is not valid base64"
+                ) from None
             try:
-                keys[kek_id] = self.hsm.decrypt(record.master_key_label, wrapped, _kek_aad(meta.table_id, kek_id))
+                keys[kek_id] = self.hsm.decrypt(
+                    record.master_key_label, wrapped, _kek_aad(meta.table_id, kek_id)
+                )
             except KeyNotFoundError:
-                self.audit.append("unwrap_kek", table=meta.table, outcome="failed: master key missing", kek_ids=[kek_id], job_id=job_id)
-                raise TableErasedError(meta.table, f"master key {record.master_key_label} is missing from the token") from None
+                self.audit.append(
+                    "unwrap_kek",
+                    table=meta.table,
+                    outcome="failed: master key missing",
+                    kek_ids=[kek_id],
+                    job_id=job_id,
+                )
+                raise TableErasedError(
+                    meta.table, f"master key {record.master_key_label} is missing from the token"
+                ) from None
             except IntegrityError:
-                self.audit.append("unwrap_kek", table=meta.table, outcome="failed: integrity", kek_ids=[kek_id], job_id=job_id)
+                self.audit.append(
+                    "unwrap_kek",
+                    table=meta.table,
+                    outcome="failed: integrity",
+                    kek_ids=[kek_id],
+                    job_id=job_id,
+                )
                 raise IntegrityError(
                     f"KEK record {kek_id} of table '{meta.table}' failed authentication in the HSM: "
                     "the record was changed; restore it from backup"
@@ -324,7 +386,9 @@ class KeyService:
         with self._registry_lock():
             entry = self.registry.get(table)
             if entry is None:
-                raise TableNotFoundError(f"no table '{table}' in the registry {self.settings.registry_dir}")
+                raise TableNotFoundError(
+                    f"no table '{table}' in the registry {self.settings.registry_dir}"
+                )
             erased_at = entry.erased_at or _now()
 
             # 1. Tombstone first: from here on no KEK is minted and no key created.
@@ -341,13 +405,22 @@ class KeyService:
                 for label in labels:
                     destroyed += self.hsm.destroy_keys(label)
             except SparkKmsError as error:
-                self.audit.append("erase", table=table, outcome=f"failed: {error}", table_id=entry.table_id)
+                self.audit.append(
+                    "erase", table=table, outcome=f"failed: {error}", table_id=entry.table_id
+                )
                 raise
             remaining = sum(self.hsm.count_keys(label, fresh_session=True) for label in labels)
             remaining += len(self.hsm.list_key_labels(prefix))
-            report = EraseReport(table, entry.table_id, destroyed, remaining, time.monotonic() - started)
+            report = EraseReport(
+                table, entry.table_id, destroyed, remaining, time.monotonic() - started
+            )
             if remaining:
-                self.audit.append("erase", table=table, outcome="failed: key objects remain", table_id=entry.table_id)
+                self.audit.append(
+                    "erase",
+                    table=table,
+                    outcome="failed: key objects remain",
+                    table_id=entry.table_id,
+                )
                 raise HsmUnavailableError(
                     f"erasure of table '{table}' is incomplete: {remaining} key object(s) remain in "
                     f"token '{self.settings.token_label}'; run the erase again"
@@ -384,7 +457,9 @@ class KeyService:
         """
         entry = self.registry.get(table)
         if entry is None:
-            raise TableNotFoundError(f"no table '{table}' in the registry {self.settings.registry_dir}")
+            raise TableNotFoundError(
+                f"no table '{table}' in the registry {self.settings.registry_dir}"
+            )
         store = KeyringStore(entry.location)
         meta = store.read_metadata()
         label = meta.master_key_label if meta else master_key_label(table, entry.table_id, 1)

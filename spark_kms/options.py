@@ -92,8 +92,7 @@ def parse_write_options(options: Mapping[str, str]) -> WriteOptions:
     table = lowered.get(TABLE, "").strip()
     if not table:
         raise InvalidOptionError(
-            f"missing option {TABLE}: name the table, for example "
-            f".option('{TABLE}', 'flights')"
+            f"missing option {TABLE}: name the table, for example .option('{TABLE}', 'flights')"
         )
     check_name("table", table)
     column_keys = parse_column_keys(lowered.get(COLUMN_KEYS, ""))

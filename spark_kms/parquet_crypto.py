@@ -12,7 +12,7 @@ This module never imports the HSM access: executors hold no HSM credentials.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -56,13 +56,17 @@ class JobKmsClient(pe.KmsClient):  # type: ignore[misc]
 
     def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
         """Wrap a DEK with the KEK ``master_key_identifier``."""
-        return wrap_key_locally(key_bytes, self._keys.kek(master_key_identifier), master_key_identifier)
+        return wrap_key_locally(
+            key_bytes, self._keys.kek(master_key_identifier), master_key_identifier
+        )
 
     def unwrap_key(self, wrapped_key: str | bytes, master_key_identifier: str) -> bytes:
         """Unwrap a DEK with the KEK ``master_key_identifier``."""
         if isinstance(wrapped_key, bytes):
             wrapped_key = wrapped_key.decode("ascii", errors="replace")
-        return unwrap_key_locally(wrapped_key, self._keys.kek(master_key_identifier), master_key_identifier)
+        return unwrap_key_locally(
+            wrapped_key, self._keys.kek(master_key_identifier), master_key_identifier
+        )
 
 
 def _crypto_factory(keys: JobKeys) -> pe.CryptoFactory:
@@ -118,7 +122,9 @@ class EncryptionPlan:
             data_key_length_bits=DEK_BITS,
             cache_lifetime=timedelta(minutes=10),
         )
-        return _crypto_factory(self.keys).file_encryption_properties(_connection(self.job_id), config)
+        return _crypto_factory(self.keys).file_encryption_properties(
+            _connection(self.job_id), config
+        )
 
 
 def write_encrypted_file(
@@ -154,7 +160,9 @@ def write_encrypted_file(
     return rows, (writer.schema if writer is not None else None)
 
 
-def _open_writer(path: str, schema: pa.Schema, plan: EncryptionPlan, filesystem: Any) -> pq.ParquetWriter:
+def _open_writer(
+    path: str, schema: pa.Schema, plan: EncryptionPlan, filesystem: Any
+) -> pq.ParquetWriter:
     return pq.ParquetWriter(
         path,
         schema,
@@ -176,7 +184,9 @@ def open_encrypted_dataset(
 ) -> ds.Dataset:
     """Open encrypted Parquet files as a pyarrow dataset that decrypts with ``keys``."""
     decryption = ds.ParquetDecryptionConfig(
-        _crypto_factory(keys), _connection(job_id), pe.DecryptionConfiguration(cache_lifetime=timedelta(minutes=10))
+        _crypto_factory(keys),
+        _connection(job_id),
+        pe.DecryptionConfiguration(cache_lifetime=timedelta(minutes=10)),
     )
     scan_options = ds.ParquetFragmentScanOptions(decryption_config=decryption)
     file_format = ds.ParquetFileFormat(default_fragment_scan_options=scan_options)

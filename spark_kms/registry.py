@@ -69,5 +69,7 @@ class TableRegistry:
         """Return every entry, sorted by table name."""
         if not os.path.isdir(self.path):
             return []
-        names = sorted(n[:-5] for n in os.listdir(self.path) if n.endswith(".json") and not n.startswith("."))
+        names = sorted(
+            n[:-5] for n in os.listdir(self.path) if n.endswith(".json") and not n.startswith(".")
+        )
         return [entry for entry in (self.get(n) for n in names) if entry is not None]

@@ -59,23 +59,32 @@ def configure(spark: SparkSession, settings: KmsSettings | None = None) -> KeySe
     # Log in now: configuration errors surface here, typed, and not in a job.
     service.hsm  # noqa: B018
 
-    spark.conf.set("spark.sql.python.filterPushdown.enabled", "true")
     spark.dataSource.register(data_source_class(settings))
     _CONFIGURED[spark.sparkContext.applicationId] = service
-    log.info("spark_kms configured for application %s with token %s", spark.sparkContext.applicationId, settings.token_label)
+    log.info(
+        "spark_kms configured for application %s with token %s",
+        spark.sparkContext.applicationId,
+        settings.token_label,
+    )
     return service
 
 
 def _service_of(spark: SparkSession) -> KeyService:
     service = _CONFIGURED.get(spark.sparkContext.applicationId)
     if service is None:
-        raise ConfigurationError("spark_kms is not configured for this session; call spark_kms.configure(spark) first")
+        raise ConfigurationError(
+            "spark_kms is not configured for this session; call spark_kms.configure(spark) first"
+        )
     return service
 
 
 def erase_table(spark_or_service: SparkSession | KeyService, table: str) -> EraseReport:
     """Crypto-erase ``table``; see :meth:`KeyService.erase_table`."""
-    service = spark_or_service if isinstance(spark_or_service, KeyService) else _service_of(spark_or_service)
+    service = (
+        spark_or_service
+        if isinstance(spark_or_service, KeyService)
+        else _service_of(spark_or_service)
+    )
     return service.erase_table(table)
 
 
