@@ -473,16 +473,16 @@ def _load_library(module_path: str) -> Any:
     with _LIBRARY_LOCK:
         if module_path in _LIBRARIES:
             return _LIBRARIES[module_path]
+        if not os.path.isfile(module_path):
+            raise ConfigurationError(
+                f"PKCS#11 module {module_path} does not exist; set spark.kms.hsm.module to the "
+                "module's path (for SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)"
+            )
         if _LIBRARIES:
             loaded = next(iter(_LIBRARIES))
             raise ConfigurationError(
                 f"PKCS#11 module {loaded} is already loaded in this process; "
                 f"python-pkcs11 cannot load a second module ({module_path})"
-            )
-        if not os.path.isfile(module_path):
-            raise ConfigurationError(
-                f"PKCS#11 module {module_path} does not exist; set spark.kms.hsm.module to the "
-                "module's path (for SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)"
             )
         try:
             lib = pkcs11.lib(module_path)
