@@ -139,12 +139,16 @@ class KmsSettings:
 def load_properties_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """Parse a Java-style properties file of ``key value`` or ``key=value`` lines.
 
-    :raises ConfigurationError: if the file cannot be read.
+    :raises ConfigurationError: if the file cannot be read or is not UTF-8.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigurationError(f"cannot read properties file {path}: {error.strerror}") from error
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"properties file {path} is not UTF-8 text; save it as UTF-8"
+        ) from None
     properties: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()
