@@ -48,12 +48,21 @@ class TableRegistry:
                 data = json.load(handle)
         except FileNotFoundError:
             return None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise IntegrityError(f"registry entry {file} is not valid JSON") from None
         try:
-            return RegistryEntry(**data)
+            entry = RegistryEntry(**data)
         except TypeError:
             raise IntegrityError(f"registry entry {file} has missing or unknown fields") from None
+        if not all(isinstance(v, str) for v in (entry.table, entry.table_id, entry.location)):
+            raise IntegrityError(
+                f"registry entry {file} has a table, id or location that is not text"
+            )
+        if entry.state not in ("active", "erased"):
+            raise IntegrityError(f"registry entry {file} has an unknown state {entry.state!r}")
+        if not isinstance(entry.created_at, str) or not isinstance(entry.erased_at, str | None):
+            raise IntegrityError(f"registry entry {file} has a time that is not text")
+        return entry
 
     def put(self, entry: RegistryEntry) -> None:
         """Write the entry of ``entry.table`` atomically."""
