@@ -64,11 +64,12 @@ class AuditLog:
         """Yield every record, oldest first; a line that is not JSON is skipped."""
         if not os.path.exists(self.path):
             return
-        with open(self.path, encoding="utf-8") as handle:
+        # Bytes, not text: a line that is not UTF-8 is skipped like any other bad line.
+        with open(self.path, "rb") as handle:
             for line in handle:
                 try:
                     record = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(record, dict):
                     yield record
@@ -92,7 +93,7 @@ def verify_chain(path: str) -> list[str]:
             try:
                 record = json.loads(line)
                 stated = record.get("prev") if isinstance(record, dict) else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 problems.append(f"line {number}: not valid JSON")
                 stated = None
             if stated != previous:
