@@ -34,7 +34,7 @@ from pyspark.sql.datasource import (
 )
 from pyspark.sql.types import StructType
 
-from spark_kms.errors import CommitError, InvalidOptionError, SparkKmsError
+from spark_kms.errors import CommitError, IntegrityError, InvalidOptionError, SparkKmsError
 from spark_kms.jobkeys import JobKeys
 from spark_kms.keyring import CommitRecord, KeyringStore, resolve_location
 from spark_kms.keyservice import KeyService
@@ -118,7 +118,7 @@ class KmsParquetDataSource(DataSource):
                 f"table '{meta.table}' has no stored schema yet because no write has "
                 "committed; write to it first"
             )
-        return StructType.fromJson(json.loads(meta.spark_schema))
+        return _parse_stored_schema(meta.table, meta.spark_schema)
 
     def writer(self, schema: StructType, overwrite: bool) -> KmsParquetWriter:
         started = time.monotonic()
@@ -192,8 +192,19 @@ def _to_arrow_schema(schema: StructType) -> pa.Schema:
     return to_arrow_schema(schema)
 
 
+def _parse_stored_schema(table: str, stored_json: str) -> StructType:
+    # table.json is stored text that anyone with write access to the table may change.
+    try:
+        return StructType.fromJson(json.loads(stored_json))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise IntegrityError(
+            f"the schema stored in the keyring of table '{table}' is not a valid Spark schema; "
+            "restore _spark_kms/table.json from backup"
+        ) from None
+
+
 def _check_append_schema(table: str, stored_json: str, schema: StructType) -> None:
-    stored = StructType.fromJson(json.loads(stored_json))
+    stored = _parse_stored_schema(table, stored_json)
     if [(f.name, f.dataType) for f in stored.fields] != [
         (f.name, f.dataType) for f in schema.fields
     ]:
@@ -205,7 +216,7 @@ def _check_append_schema(table: str, stored_json: str, schema: StructType) -> No
 
 
 def _check_projection(table: str, stored_json: str, schema: StructType) -> None:
-    stored = {f.name: f.dataType for f in StructType.fromJson(json.loads(stored_json)).fields}
+    stored = {f.name: f.dataType for f in _parse_stored_schema(table, stored_json).fields}
     for requested in schema.fields:
         if stored.get(requested.name) != requested.dataType:
             raise InvalidOptionError(

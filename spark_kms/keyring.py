@@ -94,6 +94,8 @@ class TableMetadata:
             raise IntegrityError(f"{source} has an unknown table state {meta.state!r}")
         if meta.spark_schema is not None and not isinstance(meta.spark_schema, str):
             raise IntegrityError(f"{source} has a spark_schema that is not a string")
+        if meta.erased_at is not None and not isinstance(meta.erased_at, str):
+            raise IntegrityError(f"{source} has an erased_at that is not a string")
         return meta
 
 
