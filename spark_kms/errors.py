@@ -18,9 +18,13 @@ __all__ = [
     "IntegrityError",
     "InvalidOptionError",
     "KeyNotFoundError",
+    "PartitionErasedError",
+    "PartitionNotFoundError",
+    "PartitionsErasedWarning",
     "SparkKmsError",
     "TableErasedError",
     "TableNotFoundError",
+    "TablePendingDeletionError",
     "TableStateError",
 ]
 
@@ -28,13 +32,22 @@ __all__ = [
 class SparkKmsError(Exception):
     """Root of every error raised by spark_kms."""
 
+    _arguments: tuple[str, ...] = ()
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # Errors whose constructor takes more than the message pickle with the
+        # constructor's arguments, so they survive a trip between processes.
+        if self._arguments:
+            return (type(self), self._arguments)
+        return super().__reduce__()
+
 
 class ConfigurationError(SparkKmsError):
     """A setting (Spark conf, PKCS#11 module, token, PIN source) is missing or invalid."""
 
 
 class InvalidOptionError(ConfigurationError):
-    """A writer or reader option (``kms.*``) is missing or invalid."""
+    """A writer or reader option (``kms.*``) or a command argument is missing or invalid."""
 
 
 class HsmUnavailableError(SparkKmsError):
@@ -52,9 +65,28 @@ class AmbiguousKeyError(SparkKmsError):
 class AccessDeniedError(SparkKmsError):
     """The policy does not allow this principal this operation on this table."""
 
+    principal = ""
+    table = ""
+    operation = ""
+
+    def __init__(self, principal: str, table: str, operation: str, policy_file: str) -> None:
+        self.principal = principal
+        self.table = table
+        self.operation = operation
+        self._arguments = (principal, table, operation, policy_file)
+        super().__init__(
+            f"access denied: principal '{principal}' may not perform '{operation}' on table "
+            f"'{table}' because no rule in the access policy {policy_file} allows it; ask an "
+            "administrator to add a rule"
+        )
+
 
 class TableNotFoundError(SparkKmsError):
     """No spark_kms table is registered under this name or stored at this path."""
+
+
+class PartitionNotFoundError(TableNotFoundError):
+    """The table has no partition with this column value."""
 
 
 class TableStateError(SparkKmsError):
@@ -66,9 +98,45 @@ class TableErasedError(TableStateError):
 
     def __init__(self, table: str, detail: str = "") -> None:
         self.table = table
+        self._arguments = (table, detail)
         message = (
             f"table '{table}' was crypto-erased: its master key no longer exists, "
             "so its files cannot be decrypted and no new data can be written to it"
+        )
+        if detail:
+            message = f"{message} ({detail})"
+        super().__init__(message)
+
+
+class TablePendingDeletionError(TableStateError):
+    """The table is scheduled for deletion, so reads and writes are rejected until it is cancelled."""
+
+    table = ""
+    deletion_due_at = ""
+
+    def __init__(self, table: str, deletion_due_at: str) -> None:
+        self.table = table
+        self.deletion_due_at = deletion_due_at
+        self._arguments = (table, deletion_due_at)
+        super().__init__(
+            f"table '{table}' is scheduled for deletion on {deletion_due_at}, so it cannot be "
+            f"read or written; to keep it, run 'spark-kms cancel-deletion {table}'"
+        )
+
+
+class PartitionErasedError(TableStateError):
+    """A partition of the table was crypto-erased: its master key is destroyed."""
+
+    table = ""
+    partition = ""
+
+    def __init__(self, table: str, partition: str, detail: str = "") -> None:
+        self.table = table
+        self.partition = partition
+        self._arguments = (table, partition, detail)
+        message = (
+            f"partition {partition} of table '{table}' was crypto-erased: its master key no "
+            "longer exists, so its files cannot be decrypted and no new data can be written to it"
         )
         if detail:
             message = f"{message} ({detail})"
@@ -81,3 +149,7 @@ class IntegrityError(SparkKmsError):
 
 class CommitError(SparkKmsError):
     """A write job could not be committed; nothing of it became visible."""
+
+
+class PartitionsErasedWarning(UserWarning):
+    """A read skipped the files of crypto-erased partitions and returned the other partitions."""
