@@ -66,6 +66,11 @@ def parse_column_keys(text: str) -> dict[str, list[str]]:
                 f"key group '{group}' in {COLUMN_KEYS} has an empty column name"
             )
         for column in columns:
+            if ":" in column:
+                raise InvalidOptionError(
+                    f"invalid entry {part.strip()!r} in {COLUMN_KEYS}: a column name cannot contain "
+                    "':', which separates a key group from its columns; one group is 'group: col, col'"
+                )
             if column in seen:
                 raise InvalidOptionError(
                     f"column '{column}' is listed under key groups '{seen[column]}' and '{group}'; "

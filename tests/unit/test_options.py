@@ -55,6 +55,7 @@ def test_blank_table_option() -> None:
         pytest.param("pii: a; geo: a", "listed under key groups 'pii' and 'geo'", id="column-twice"),
         pytest.param("pii: a,, b", "empty column name", id="empty-column"),
         pytest.param(": a", "invalid key group name", id="empty-group"),
+        pytest.param("pii: a: b", "a column name cannot contain ':'", id="colon-in-column"),
     ],
 )
 def test_invalid_column_keys(text: str, message: str) -> None:
