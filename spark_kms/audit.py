@@ -1,9 +1,16 @@
-"""Append-only audit log of key operations, one JSON object per line.
+"""Append-only audit log of key operations and policy decisions, one JSON object per line.
+
+Every record has ``time``, ``principal``, ``operation``, ``table`` and
+``outcome``, and where they apply ``partition``, ``key_label``,
+``key_version``, ``kek_ids``, ``job_id``, ``trigger`` and
+``application_id`` (the Spark application). Records hold ids, labels,
+versions and outcomes, never key bytes.
 
 Each record carries ``prev``, the SHA-256 of the previous line, so that a
 removed or edited line breaks the chain and :func:`verify_chain` finds it.
-Records hold ids, labels, versions and outcomes, never key bytes.
-Appends from several processes on one host are serialized with ``flock``.
+The chain alone cannot show that lines were cut from the end, so every append
+also writes ``<log>.head`` with the number of lines and the hash of the last
+one. Appends from several processes on one host are serialized with ``flock``.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["AuditLog", "current_principal", "verify_chain"]
+__all__ = ["AuditLog", "current_principal", "parse_time", "verify_chain"]
 
 GENESIS = "0" * 64
+HEAD_SUFFIX = ".head"
 
 
 def current_principal() -> str:
@@ -28,24 +36,35 @@ def current_principal() -> str:
 
 
 class AuditLog:
-    """The audit log at ``path``."""
+    """The audit log at ``path``.
 
-    def __init__(self, path: str) -> None:
+    :param principal: who the records name; by default :func:`current_principal`
+        at the time of each append.
+    :param application_id: Spark application id written into every record, if any.
+    """
+
+    def __init__(
+        self, path: str, *, principal: str | None = None, application_id: str | None = None
+    ) -> None:
         self.path = path
+        self.principal = principal
+        self.application_id = application_id
 
     def __repr__(self) -> str:
         return f"AuditLog(path={self.path!r})"
 
     def append(self, operation: str, *, table: str, outcome: str, **details: Any) -> None:
-        """Append one record for ``operation`` on ``table``."""
+        """Append one record for ``operation`` on ``table``; details that are ``None`` are left out."""
         record: dict[str, Any] = {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "principal": current_principal(),
+            "principal": self.principal or current_principal(),
             "operation": operation,
             "table": table,
             "outcome": outcome,
+            "application_id": self.application_id,
         }
-        record.update({k: v for k, v in details.items() if v is not None})
+        record.update(details)
+        record = {k: v for k, v in record.items() if v is not None}
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
@@ -53,10 +72,12 @@ class AuditLog:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 record["prev"] = _last_line_hash(handle)
+                line = json.dumps(record, sort_keys=True).encode("utf-8")
                 handle.seek(0, os.SEEK_END)
-                handle.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
+                handle.write(line + b"\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+                self._advance_head(handle, line)
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -78,16 +99,92 @@ class AuditLog:
         """Return the number of records."""
         return sum(1 for _ in self.records())
 
+    def select(
+        self,
+        *,
+        table: str | None = None,
+        operation: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the records that match every given filter, oldest first.
+
+        ``since`` is inclusive and ``until`` exclusive; a record whose time
+        cannot be parsed never matches a time filter.
+        """
+        for record in self.records():
+            if table is not None and record.get("table") != table:
+                continue
+            if operation is not None and record.get("operation") != operation:
+                continue
+            if since is not None or until is not None:
+                try:
+                    at = parse_time(str(record.get("time", "")))
+                except ValueError:
+                    continue
+                if since is not None and at < since:
+                    continue
+                if until is not None and at >= until:
+                    continue
+            yield record
+
+    def _advance_head(self, handle: Any, line: bytes) -> None:
+        # Called with the log locked, right after ``line`` was appended.
+        head = _read_head(self.path)
+        if head is None:
+            handle.seek(0)
+            lines = sum(1 for _ in handle)
+        else:
+            lines = head[0] + 1
+        temporary = f"{self.path}{HEAD_SUFFIX}.tmp"
+        with open(temporary, "w", encoding="utf-8") as out:
+            json.dump({"lines": lines, "last": hashlib.sha256(line).hexdigest()}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.path + HEAD_SUFFIX)
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 date or time; a value without a zone is taken as UTC.
+
+    :raises ValueError: if ``text`` is not an ISO 8601 date or time.
+    """
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+def _read_head(path: str) -> tuple[int, str] | None:
+    try:
+        with open(path + HEAD_SUFFIX, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        return (-1, "")
+    if not isinstance(data, dict):
+        return (-1, "")
+    lines, last = data.get("lines"), data.get("last")
+    if not isinstance(lines, int) or isinstance(lines, bool) or not isinstance(last, str):
+        return (-1, "")
+    return lines, last
+
 
 def verify_chain(path: str) -> list[str]:
-    """Check the hash chain of the audit log at ``path``.
+    """Check the hash chain of the audit log at ``path``, and its end against ``<path>.head``.
 
-    :returns: one message per broken link (empty when the log is intact).
+    :returns: one message per problem (empty when the log is intact).
     """
     problems: list[str] = []
+    head = _read_head(path)
     if not os.path.exists(path):
+        if head is not None:
+            problems.append(f"{path} is missing but {path}{HEAD_SUFFIX} says it had lines")
         return problems
     previous = GENESIS
+    line_hashes: dict[int, str] = {}
+    number = 0
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
             try:
@@ -101,7 +198,30 @@ def verify_chain(path: str) -> list[str]:
                     f"line {number}: hash chain broken (a line before it was removed or edited)"
                 )
             previous = hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+            if head is not None and number == head[0]:
+                line_hashes[number] = previous
+    problems.extend(_check_head(path, head, number, line_hashes))
     return problems
+
+
+def _check_head(
+    path: str, head: tuple[int, str] | None, lines: int, line_hashes: dict[int, str]
+) -> list[str]:
+    # A log longer than its head is fine: the process may have stopped between
+    # appending a line and updating the head.
+    if head is None:
+        return []
+    expected, last = head
+    if expected < 0:
+        return [f"{path}{HEAD_SUFFIX} is not valid; it was edited"]
+    if lines < expected:
+        return [
+            f"the log has {lines} line(s) but {expected} were appended: "
+            "lines were removed from its end"
+        ]
+    if line_hashes.get(expected) != last:
+        return [f"line {expected}: does not match the hash of the last append (it was edited)"]
+    return []
 
 
 def _last_line_hash(handle: Any) -> str:
