@@ -437,14 +437,14 @@ class KmsParquetReader(DataSourceReader):
             return
         filesystem, path = resolve_location(partition.path)
         columns = [f.name for f in self.schema.fields]
-        dataset = open_encrypted_dataset(
-            [path], keys=partition.keys, filesystem=filesystem, job_id=self.job_id
-        )
+        # Opening the dataset already decrypts the footer, so it belongs inside
+        # the try: every failure must name the file.
         try:
+            dataset = open_encrypted_dataset(
+                [path], keys=partition.keys, filesystem=filesystem, job_id=self.job_id
+            )
             yield from dataset.to_batches(columns=columns, batch_size=65536)
-        except SparkKmsError:
-            raise
-        except (OSError, pa.ArrowException) as error:
+        except (SparkKmsError, OSError, pa.ArrowException) as error:
             raise check_readable(error, partition.path) from None
 
 
