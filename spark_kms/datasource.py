@@ -440,6 +440,14 @@ class KmsParquetReader(DataSourceReader):
         # Opening the dataset already decrypts the footer, so it belongs inside
         # the try: every failure must name the file.
         try:
+            # pyarrow reads a plaintext file even when given decryption
+            # properties, so a file planted in the table must be refused here.
+            if not is_encrypted_file(filesystem, path):
+                raise IntegrityError(
+                    "the file is not in encrypted footer mode (magic PARE), but a table "
+                    "written by spark_kms holds only encrypted files; remove it or run "
+                    "'spark-kms verify'"
+                )
             dataset = open_encrypted_dataset(
                 [path], keys=partition.keys, filesystem=filesystem, job_id=self.job_id
             )
