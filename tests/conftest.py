@@ -95,6 +95,7 @@ def spark(kms_settings: KmsSettings, spark_event_log: Path):  # type: ignore[no-
         .config("spark.default.parallelism", "4")
         .config("spark.eventLog.enabled", "true")
         .config("spark.eventLog.dir", spark_event_log.as_uri())
+        .config("spark.eventLog.compress", "false")
         .config("spark.driver.memory", "2g")
         .config("spark.sql.session.timeZone", "UTC")
         .getOrCreate()
