@@ -232,13 +232,14 @@ def test_filtered_aggregate(spark: SparkSession, table_name: str, tmp_path: Path
     location = str(tmp_path / "t")
     source = flights_like(spark, 3000, 3)
     spark_kms.write_table(source, location, table=table_name, column_keys="pii: tailnum")
-    query = lambda frame: (
-        frame.filter((F.col("origin") == "EWR") & (F.col("flight") < 1500))
-        .groupBy("origin")
-        .agg(  # noqa: E731
-            F.count("*").alias("n"), F.sum("dep_delay").alias("delay")
+    def query(frame):
+        return (
+            frame.filter((F.col("origin") == "EWR") & (F.col("flight") < 1500))
+            .groupBy("origin")
+            .agg(
+                F.count("*").alias("n"), F.sum("dep_delay").alias("delay")
+            )
         )
-    )
     expected = query(source).collect()
     actual = query(spark.read.format("kms_parquet").load(location)).collect()
     assert actual == expected
