@@ -451,9 +451,20 @@ class KmsParquetReader(DataSourceReader):
             dataset = open_encrypted_dataset(
                 [path], keys=partition.keys, filesystem=filesystem, job_id=self.job_id
             )
-            yield from dataset.to_batches(columns=columns, batch_size=65536)
+            nullable = {f.name: f.nullable for f in self.schema.fields}
+            for batch in dataset.to_batches(columns=columns, batch_size=65536):
+                yield _with_nullability(batch, nullable)
         except (SparkKmsError, OSError, pa.ArrowException) as error:
             raise check_readable(error, partition.path) from None
+
+
+def _with_nullability(batch: pa.RecordBatch, nullable: dict[str, bool]) -> pa.RecordBatch:
+    # Spark checks the nullability of returned batches against the requested
+    # schema, which may differ from the written one (a schema given to the reader).
+    schema = pa.schema([f.with_nullable(nullable.get(f.name, f.nullable)) for f in batch.schema])
+    if schema.equals(batch.schema):
+        return batch
+    return pa.RecordBatch.from_arrays(batch.columns, schema=schema)
 
 
 def _delete_quietly(filesystem: Any, path: str) -> None:
