@@ -1,6 +1,6 @@
 """HSM access through PKCS#11 (python-pkcs11), on the driver only.
 
-This module knows nothing of Spark or tables. It loads one PKCS#11 module,
+This module does not depend on Spark or on tables. It loads one PKCS#11 module,
 logs in to one token with a PIN read from a file or an environment variable,
 and keeps a pool of logged-in sessions. Several driver threads may call it at
 once: calls into the module are serialized by one process-wide lock, which

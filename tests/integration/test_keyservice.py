@@ -50,7 +50,7 @@ def test_kek_record_bound_to_its_id(key_service: KeyService, table_name: str, tm
     keks = location / "_spark_kms" / "keks"
     table_record = json.loads((keks / f"{table_name}.table.kj.json").read_text())
     pii_record = json.loads((keks / f"{table_name}.pii.kj.json").read_text())
-    # Swap the wrapped values: each record then holds a KEK wrapped for another id.
+    # Swap the wrapped values: each record then contains a KEK wrapped for another id.
     table_record["wrapped_kek"], pii_record["wrapped_kek"] = pii_record["wrapped_kek"], table_record["wrapped_kek"]
     (keks / f"{table_name}.table.kj.json").write_text(json.dumps(table_record))
     with pytest.raises(IntegrityError, match=f"KEK record {table_name}.table.kj .* failed authentication"):
