@@ -14,6 +14,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
+import pyarrow.parquet as pq
 from chispa import assert_df_equality
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -68,6 +69,12 @@ def main(output: str) -> int:
             handle.seek(-4, os.SEEK_END)
             tail = handle.read(4)
         assert head == tail == b"PARE", f"{name} is not in encrypted-footer mode"
+    try:
+        pq.read_table(os.path.join(flights_path, files[0]))
+    except OSError as error:
+        print(f"\npyarrow without keys cannot read {files[0]}:\n  {error}")
+    else:
+        raise AssertionError(f"pyarrow read {files[0]} without keys")
 
     # 2. Read it back and compare with the source.
     mark = service.audit.count()
