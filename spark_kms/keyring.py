@@ -3,14 +3,21 @@
 Layout::
 
     <table>/_spark_kms/table.json              table metadata, replaced atomically
-    <table>/_spark_kms/keks/<kek id>.json      one immutable record per KEK
+    <table>/_spark_kms/keks/<kek id>.json      one record per KEK
     <table>/_spark_kms/commits/<job id>.json   the files each committed job added
+    <table>/_spark_kms/partitions/<id>.json    one record per partition value with its own master key
+    <table>/_spark_kms/rekey.json              the file swaps of a rekey that is committing
     <table>/_spark_kms_staging/<job id>/       files of a job not yet committed
 
 Files are written to a temporary name and then renamed, so a reader sees the
-old or the new version and never half a file. A KEK record is never replaced:
-writing one whose id exists fails. The store uses ``pyarrow.fs``, so the table
-may live on a local disk, HDFS or S3.
+old or the new version and never half a file. A write never replaces a KEK
+record: writing one whose id exists fails. Only master-key rotation replaces a
+record (the same KEK, wrapped by the new master key version), and only a rekey
+deletes one, after no committed file depends on it. The store uses
+``pyarrow.fs``, so the table may live on a local disk, HDFS or S3.
+
+NOTE: the rename is atomic on local disks and HDFS; on S3 ``pyarrow.fs``
+moves by copy and delete, so a reader can briefly miss a file being replaced.
 """
 
 from __future__ import annotations
@@ -27,9 +34,14 @@ import pyarrow.fs as pafs
 from spark_kms.errors import IntegrityError, KeyNotFoundError, SparkKmsError
 
 __all__ = [
+    "ACTIVE",
+    "ERASED",
+    "PENDING_DELETION",
+    "TABLE_STATES",
     "CommitRecord",
     "KekRecord",
     "KeyringStore",
+    "PartitionRecord",
     "TableMetadata",
     "resolve_location",
 ]
@@ -39,6 +51,14 @@ log = logging.getLogger(__name__)
 KEYRING_DIR = "_spark_kms"
 STAGING_DIR = "_spark_kms_staging"
 FORMAT_VERSION = 1
+DEFAULT_ROTATION_PERIOD_DAYS = 365
+
+# Table and partition states. A table scheduled for deletion is neither read
+# nor written until the deletion runs or is cancelled.
+ACTIVE = "active"
+PENDING_DELETION = "pending_deletion"
+ERASED = "erased"
+TABLE_STATES = (ACTIVE, PENDING_DELETION, ERASED)
 
 
 def resolve_location(path: str) -> tuple[pafs.FileSystem, str]:
@@ -57,7 +77,16 @@ def resolve_location(path: str) -> tuple[pafs.FileSystem, str]:
 
 @dataclass
 class TableMetadata:
-    """Contents of ``table.json``: what a table is and which master key protects it."""
+    """Contents of ``table.json``: what a table is and which master key protects it.
+
+    ``master_key_since`` is when the current master key version became current
+    (``None`` for tables written before it was recorded: the creation time
+    counts). ``rotation_started_at`` is set while a rotation is unfinished, and
+    ``rotation_pending`` lists the master keys it has still to give a new
+    version (``table`` for the table's own, else partition ids).
+    ``rotation_period_days`` of 0 turns automatic rotation off.
+    ``partition_by`` names the column whose values each get their own master key.
+    """
 
     table: str
     table_id: str
@@ -68,6 +97,13 @@ class TableMetadata:
     spark_schema: str | None = None
     erased_at: str | None = None
     format_version: int = FORMAT_VERSION
+    master_key_since: str | None = None
+    rotation_period_days: int = DEFAULT_ROTATION_PERIOD_DAYS
+    rotation_started_at: str | None = None
+    rotation_pending: list[str] | None = None
+    deletion_scheduled_at: str | None = None
+    deletion_due_at: str | None = None
+    partition_by: str | None = None
 
     @classmethod
     def from_json(cls, text: str, source: str) -> TableMetadata:
@@ -87,11 +123,24 @@ class TableMetadata:
                 spark_schema=data.get("spark_schema"),
                 erased_at=data.get("erased_at"),
                 format_version=_field(data, "format_version", int, source),
+                master_key_since=_optional(data, "master_key_since", str, source),
+                rotation_period_days=_optional(
+                    data, "rotation_period_days", int, source, DEFAULT_ROTATION_PERIOD_DAYS
+                ),
+                rotation_started_at=_optional(data, "rotation_started_at", str, source),
+                rotation_pending=_optional(data, "rotation_pending", list, source),
+                deletion_scheduled_at=_optional(data, "deletion_scheduled_at", str, source),
+                deletion_due_at=_optional(data, "deletion_due_at", str, source),
+                partition_by=_optional(data, "partition_by", str, source),
             )
         except TypeError as error:
             raise IntegrityError(f"{source} is not valid table metadata: {error}") from None
-        if meta.state not in ("active", "erased"):
+        if meta.state not in TABLE_STATES:
             raise IntegrityError(f"{source} has an unknown table state {meta.state!r}")
+        if meta.rotation_pending is not None and not all(
+            isinstance(scope, str) for scope in meta.rotation_pending
+        ):
+            raise IntegrityError(f"{source} has a rotation_pending entry that is not a string")
         if meta.spark_schema is not None and not isinstance(meta.spark_schema, str):
             raise IntegrityError(f"{source} has a spark_schema that is not a string")
         if meta.erased_at is not None and not isinstance(meta.erased_at, str):
@@ -113,6 +162,7 @@ class KekRecord:
     master_key_version: int
     wrapped_kek: str
     format_version: int = FORMAT_VERSION
+    partition_id: str | None = None
 
     @classmethod
     def from_json(cls, text: str, source: str) -> KekRecord:
@@ -132,11 +182,13 @@ class KekRecord:
             master_key_version=_field(data, "master_key_version", int, source),
             wrapped_kek=_field(data, "wrapped_kek", str, source),
             format_version=_field(data, "format_version", int, source),
+            partition_id=_optional(data, "partition_id", str, source),
         )
 
     def __repr__(self) -> str:
         return (
             f"KekRecord(kek_id={self.kek_id!r}, table={self.table!r}, "
+            f"partition_id={self.partition_id!r}, "
             f"master_key_label={self.master_key_label!r}, "
             f"master_key_version={self.master_key_version})"
         )
@@ -144,7 +196,11 @@ class KekRecord:
 
 @dataclass
 class CommitRecord:
-    """The files one committed write job added, and the KEKs they depend on."""
+    """The files one committed write job added, and the KEKs they depend on.
+
+    ``column_keys`` maps each column key group of the job to its columns; it is
+    ``None`` in records written before it was stored.
+    """
 
     job_id: str
     committed_at: str
@@ -154,6 +210,7 @@ class CommitRecord:
     rows: int = 0
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    column_keys: dict[str, list[str]] | None = None
 
     @classmethod
     def from_json(cls, text: str, source: str) -> CommitRecord:
@@ -174,7 +231,54 @@ class CommitRecord:
             kek_ids=kek_ids,
             rows=_field(data, "rows", int, source),
             format_version=_field(data, "format_version", int, source),
+            column_keys=_column_keys(data, source),
         )
+
+
+@dataclass
+class PartitionRecord:
+    """One partition value of a table partitioned with its own master keys.
+
+    ``folder`` is the Hive-style folder of the partition (``column=value``,
+    escaped). The partition's master key label and version change on rotation;
+    ``state`` becomes ``erased`` when the partition is crypto-erased.
+    """
+
+    partition_id: str
+    table_id: str
+    column: str
+    folder: str
+    state: str
+    master_key_label: str
+    master_key_version: int
+    master_key_since: str
+    created_at: str
+    erased_at: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> PartitionRecord:
+        """Parse a partition record.
+
+        :raises IntegrityError: naming ``source`` if the text is not a valid record.
+        """
+        data = _parse_object(text, source)
+        record = cls(
+            partition_id=_field(data, "partition_id", str, source),
+            table_id=_field(data, "table_id", str, source),
+            column=_field(data, "column", str, source),
+            folder=_field(data, "folder", str, source),
+            state=_field(data, "state", str, source),
+            master_key_label=_field(data, "master_key_label", str, source),
+            master_key_version=_field(data, "master_key_version", int, source),
+            master_key_since=_field(data, "master_key_since", str, source),
+            created_at=_field(data, "created_at", str, source),
+            erased_at=_optional(data, "erased_at", str, source),
+            format_version=_field(data, "format_version", int, source),
+        )
+        if record.state not in (ACTIVE, ERASED):
+            raise IntegrityError(f"{source} has an unknown partition state {record.state!r}")
+        return record
 
 
 class KeyringStore:
@@ -223,6 +327,11 @@ class KeyringStore:
         """Replace an existing KEK record atomically (used by rotation only)."""
         self._write_atomically(self._kek_path(record.kek_id), _dump(asdict(record)))
 
+    def delete_kek_record(self, kek_id: str) -> None:
+        """Delete a KEK record (used by rekey only, once no committed file needs it)."""
+        _delete_if_present(self.filesystem, self._kek_path(kek_id))
+        log.info("deleted KEK record %s in %s", kek_id, self.keyring)
+
     def get_kek_record(self, kek_id: str) -> KekRecord:
         """Return the KEK record with this id.
 
@@ -249,6 +358,45 @@ class KeyringStore:
         self._write_atomically(
             f"{self.keyring}/commits/{record.job_id}.json", _dump(asdict(record))
         )
+
+    def delete_commit_record(self, job_id: str) -> None:
+        """Delete the record of a committed job whose files are all gone."""
+        _delete_if_present(self.filesystem, f"{self.keyring}/commits/{job_id}.json")
+
+    def put_partition_record(self, record: PartitionRecord) -> None:
+        """Write a partition record, replacing the previous version atomically."""
+        self._write_atomically(self._partition_path(record.partition_id), _dump(asdict(record)))
+
+    def get_partition_record(self, partition_id: str) -> PartitionRecord | None:
+        """Return the record of a partition, or ``None`` if the partition was never written."""
+        path = self._partition_path(partition_id)
+        text = self._read_text(path)
+        return None if text is None else PartitionRecord.from_json(text, path)
+
+    def list_partition_records(self) -> list[PartitionRecord]:
+        """Return every partition record, sorted by folder."""
+        folder = f"{self.keyring}/partitions"
+        records = []
+        for name in self._list_names(folder):
+            if name.endswith(".json") and not name.startswith("."):
+                record = self.get_partition_record(name[: -len(".json")])
+                if record is not None:
+                    records.append(record)
+        return sorted(records, key=lambda r: r.folder)
+
+    def read_rekey_journal(self) -> dict[str, Any] | None:
+        """Return the journal of a rekey that was committing, or ``None``."""
+        path = f"{self.keyring}/rekey.json"
+        text = self._read_text(path)
+        return None if text is None else _parse_object(text, path)
+
+    def write_rekey_journal(self, journal: dict[str, Any]) -> None:
+        """Write the journal of a committing rekey atomically."""
+        self._write_atomically(f"{self.keyring}/rekey.json", _dump(journal))
+
+    def delete_rekey_journal(self) -> None:
+        """Delete the journal once its rekey has committed."""
+        _delete_if_present(self.filesystem, f"{self.keyring}/rekey.json")
 
     def list_commit_records(self) -> list[CommitRecord]:
         """Return every commit record, oldest first."""
@@ -279,6 +427,9 @@ class KeyringStore:
 
     def _kek_path(self, kek_id: str) -> str:
         return f"{self.keyring}/keks/{kek_id}.json"
+
+    def _partition_path(self, partition_id: str) -> str:
+        return f"{self.keyring}/partitions/{partition_id}.json"
 
     def _is_file(self, path: str) -> bool:
         return bool(self.filesystem.get_file_info(path).type == pafs.FileType.File)
@@ -319,6 +470,36 @@ def _parse_object(text: str, source: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise IntegrityError(f"{source} does not hold a JSON object")
     return data
+
+
+def _delete_if_present(filesystem: pafs.FileSystem, path: str) -> None:
+    try:
+        filesystem.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def _optional(
+    data: dict[str, Any], name: str, kind: type, source: str, default: Any = None
+) -> Any:
+    # A field added after the first format version: absent in older files.
+    if data.get(name) is None:
+        return default
+    return _field(data, name, kind, source)
+
+
+def _column_keys(data: dict[str, Any], source: str) -> dict[str, list[str]] | None:
+    value = data.get("column_keys")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(group, str)
+        and isinstance(columns, list)
+        and all(isinstance(column, str) for column in columns)
+        for group, columns in value.items()
+    ):
+        raise IntegrityError(f"{source} has a column_keys field that is not groups of column names")
+    return value
 
 
 def _field(data: dict[str, Any], name: str, kind: type, source: str) -> Any:

@@ -3,6 +3,8 @@
 One JSON file per table name in the registry folder (``spark.kms.registry``)
 on the driver host. An entry whose state is ``erased`` is a tombstone: it is
 never removed, so an erased table's key is never created again under its name.
+An entry whose state is ``pending_deletion`` carries the time its deletion
+becomes due.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from spark_kms.errors import IntegrityError
 from spark_kms.jobkeys import check_name
+from spark_kms.keyring import TABLE_STATES
 
 __all__ = ["RegistryEntry", "TableRegistry"]
 
@@ -28,6 +31,8 @@ class RegistryEntry:
     state: str
     created_at: str
     erased_at: str | None = None
+    deletion_scheduled_at: str | None = None
+    deletion_due_at: str | None = None
 
 
 class TableRegistry:
@@ -58,9 +63,12 @@ class TableRegistry:
             raise IntegrityError(
                 f"registry entry {file} has a table, id or location that is not text"
             )
-        if entry.state not in ("active", "erased"):
+        if entry.state not in TABLE_STATES:
             raise IntegrityError(f"registry entry {file} has an unknown state {entry.state!r}")
-        if not isinstance(entry.created_at, str) or not isinstance(entry.erased_at, str | None):
+        optional_times = (entry.erased_at, entry.deletion_scheduled_at, entry.deletion_due_at)
+        if not isinstance(entry.created_at, str) or not all(
+            isinstance(t, str | None) for t in optional_times
+        ):
             raise IntegrityError(f"registry entry {file} has a time that is not text")
         return entry
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from spark_kms.errors import ConfigurationError
+from spark_kms.errors import ConfigurationError, InvalidOptionError
 
-__all__ = ["KmsSettings", "load_properties_file"]
+__all__ = ["KmsSettings", "load_properties_file", "parse_rotation_period"]
 
 PREFIX = "spark.kms."
 
@@ -29,8 +29,21 @@ SOFTHSM2_CONF = "spark.kms.hsm.softhsm2.conf"
 REGISTRY = "spark.kms.registry"
 AUDIT_LOG = "spark.kms.audit.log"
 POLICY_FILE = "spark.kms.policy.file"
+ROTATION_PERIOD_DAYS = "spark.kms.rotation.period.days"
 
-_KNOWN = {MODULE, TOKEN, PIN_FILE, PIN_ENV, SOFTHSM2_CONF, REGISTRY, AUDIT_LOG, POLICY_FILE}
+_KNOWN = {
+    MODULE,
+    TOKEN,
+    PIN_FILE,
+    PIN_ENV,
+    SOFTHSM2_CONF,
+    REGISTRY,
+    AUDIT_LOG,
+    POLICY_FILE,
+    ROTATION_PERIOD_DAYS,
+}
+DEFAULT_ROTATION_PERIOD_DAYS = 365
+MAX_ROTATION_PERIOD_DAYS = 3650
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,9 @@ class KmsSettings:
     :param audit_log: JSON-lines audit log (``spark.kms.audit.log``), required.
     :param policy_file: access policy (``spark.kms.policy.file``); without it
         every principal may do every operation.
+    :param rotation_period_days: master-key rotation period of new tables, in
+        days (``spark.kms.rotation.period.days``, default 365, 0 turns
+        automatic rotation off, at most 3650).
     """
 
     module_path: str
@@ -59,6 +75,7 @@ class KmsSettings:
     pin_env: str | None = None
     softhsm2_conf: str | None = None
     policy_file: str | None = None
+    rotation_period_days: int = DEFAULT_ROTATION_PERIOD_DAYS
 
     @classmethod
     def from_properties(cls, properties: Mapping[str, str]) -> KmsSettings:
@@ -97,6 +114,10 @@ class KmsSettings:
             pin_env=pin_env,
             softhsm2_conf=ours.get(SOFTHSM2_CONF) or None,
             policy_file=ours.get(POLICY_FILE) or None,
+            rotation_period_days=parse_rotation_period(
+                ours.get(ROTATION_PERIOD_DAYS) or str(DEFAULT_ROTATION_PERIOD_DAYS),
+                ROTATION_PERIOD_DAYS,
+            ),
         )
 
     @classmethod
@@ -132,8 +153,26 @@ class KmsSettings:
             REGISTRY: self.registry_dir,
             AUDIT_LOG: self.audit_log,
             POLICY_FILE: self.policy_file,
+            ROTATION_PERIOD_DAYS: str(self.rotation_period_days),
         }
         return {k: v for k, v in pairs.items() if v is not None}
+
+
+def parse_rotation_period(text: str, source: str) -> int:
+    """Parse a rotation period in whole days: 0 (automatic rotation off) to 3650.
+
+    :raises InvalidOptionError: naming ``source`` if the text is not such a number.
+    """
+    try:
+        days = int(text.strip())
+    except ValueError:
+        days = -1
+    if not 0 <= days <= MAX_ROTATION_PERIOD_DAYS:
+        raise InvalidOptionError(
+            f"invalid rotation period {text!r} ({source}): give whole days from 1 to "
+            f"{MAX_ROTATION_PERIOD_DAYS}, or 0 to turn automatic rotation off"
+        )
+    return days
 
 
 def load_properties_file(path: str | os.PathLike[str]) -> dict[str, str]:
