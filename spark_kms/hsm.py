@@ -56,6 +56,10 @@ _LIBRARY_LOCK = threading.Lock()
 # then crashes under concurrent calls. Every call into the module holds this lock.
 _CALL_LOCK = threading.RLock()
 
+# Bumped each time the module is re-initialized, which ends every session of
+# the process; each Hsm then drops its pooled sessions and finds its token again.
+_GENERATION = [0]
+
 
 @dataclass
 class HsmStats:
@@ -142,6 +146,7 @@ class Hsm:
             os.environ["SOFTHSM2_CONF"] = softhsm2_conf
         with _CALL_LOCK:
             self._lib = _load_library(module_path)
+            self._generation = _GENERATION[0]
             self._token = self._find_token()
             self._check_mechanisms()
             # Log in once now, so that a wrong PIN fails at start-up and not in a job.
@@ -205,10 +210,25 @@ class Hsm:
                 "spark_kms needs AES key generation and AES-GCM inside the token"
             )
 
-    def _open_session(self) -> Any:
+    def _open_session(self, *, reconnect: bool = True) -> Any:
         pin = read_pin(pin_file=self._pin_file, pin_env=self._pin_env)
         try:
             session = self._open_logged_in(pin)
+        except (pkcs11_errors.GeneralError, *_SESSION_LOST) as error:
+            if not reconnect:
+                raise HsmUnavailableError(
+                    f"cannot open a session on token '{self.token_label}': {type(error).__name__}"
+                ) from error
+            # SoftHSM2 2.6 refuses new sessions with CKR_GENERAL_ERROR after its
+            # token folder was unwritable, until the module is re-initialized;
+            # a hardware token that was reinserted needs the same.
+            log.warning(
+                "opening a session on token %s failed (%s); re-initializing the module once",
+                self.token_label,
+                type(error).__name__,
+            )
+            self._reinitialize()
+            return self._open_session(reconnect=False)
         except pkcs11_errors.PinIncorrect:
             raise HsmUnavailableError(
                 f"login to token '{self.token_label}' failed: the PIN is incorrect; "
@@ -246,6 +266,7 @@ class Hsm:
         if self._closed:
             raise HsmUnavailableError(f"the connection to token '{self.token_label}' is closed")
         with _CALL_LOCK:
+            self._follow_reinitialization()
             try:
                 session = self._pool.get_nowait()
             except queue.Empty:
@@ -263,6 +284,36 @@ class Hsm:
                     _close_quietly(session)
                     with self._lock:
                         self._opened -= 1
+
+    def _follow_reinitialization(self) -> None:
+        # Called with _CALL_LOCK held.
+        if self._generation == _GENERATION[0]:
+            return
+        # C_Finalize closed these sessions. Closing them again would send
+        # C_Logout with a handle that may now belong to a new session.
+        while not self._pool.empty():
+            self._pool.get_nowait()
+        with self._lock:
+            self._opened = 0
+        self._token = self._find_token()
+        self._generation = _GENERATION[0]
+
+    def _reinitialize(self) -> None:
+        # SoftHSM2 2.6 keeps a per-process view of the token's objects, and a
+        # C_DestroyObject that fails to delete the object's file (for example
+        # in a read-only token folder) still removes the object from that view:
+        # every session of this process, new ones included, then misses a key
+        # that other processes still find. C_Finalize and C_Initialize make the
+        # module read the token again.
+        with _CALL_LOCK:
+            self._lib.reinitialize()
+            _GENERATION[0] += 1
+            self._follow_reinitialization()
+        log.info(
+            "re-initialized PKCS#11 module %s to reread token %s",
+            self.module_path,
+            self.token_label,
+        )
 
     def find_key(self, label: str) -> Any:
         """Return the one secret key object labelled ``label``.
@@ -303,14 +354,17 @@ class Hsm:
     def count_keys(self, label: str, *, fresh_session: bool = False) -> int:
         """Count the secret keys labelled ``label``.
 
-        :param fresh_session: open a new session for the count instead of a
-            pooled one, so that no cached object handle can answer.
+        :param fresh_session: re-initialize the module and count in a new
+            session, so that the count is what the token stores and not what
+            this process's view of it holds; this ends every other session of
+            the process, which the pools reopen on their next use.
         """
         query = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
         if not fresh_session:
             with self.session() as session:
                 return len(list(session.get_objects(query)))
         with _CALL_LOCK:
+            self._reinitialize()
             session = self._open_session()
             try:
                 return len(list(session.get_objects(query)))
@@ -418,15 +472,21 @@ class Hsm:
 
         :returns: the number of objects destroyed.
         """
-        with self.session() as session:
-            found = list(
-                session.get_objects(
-                    {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+        try:
+            with self.session() as session:
+                found = list(
+                    session.get_objects(
+                        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+                    )
                 )
-            )
-            for obj in found:
-                self.stats.destroy += 1
-                obj.destroy()
+                for obj in found:
+                    self.stats.destroy += 1
+                    obj.destroy()
+        except SparkKmsError:
+            # The failed object may now be missing from this process's view
+            # only; reread the token so that a retry finds it.
+            self._reinitialize()
+            raise
         log.info(
             "destroyed %d key object(s) labelled %s in token %s",
             len(found),
