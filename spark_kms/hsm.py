@@ -332,6 +332,7 @@ class Hsm:
             session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
         )
         if not found:
+            self._check_token_reachable()
             raise KeyNotFoundError(f"no key labelled '{label}' in token '{self.token_label}'")
         if len(found) > 1:
             raise AmbiguousKeyError(
@@ -339,6 +340,19 @@ class Hsm:
                 "a master key label must be unique, so remove the extra objects"
             )
         return found[0]
+
+    def _check_token_reachable(self) -> None:
+        # SoftHSM2 2.6 lists no objects, without an error, once its token
+        # folder is gone; only C_GetTokenInfo fails. An empty result is
+        # trusted only while the token still answers, so that an unreachable
+        # token is never taken for a destroyed key.
+        try:
+            self._token.slot.get_token()
+        except pkcs11_errors.PKCS11Error as error:
+            raise HsmUnavailableError(
+                f"token '{self.token_label}' is not reachable ({type(error).__name__}); "
+                "check that the HSM is up (for SoftHSM2, that its token folder exists) and retry"
+            ) from None
 
     def key_exists(self, label: str) -> bool:
         """Tell whether exactly one secret key is labelled ``label``.
@@ -362,12 +376,18 @@ class Hsm:
         query = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
         if not fresh_session:
             with self.session() as session:
-                return len(list(session.get_objects(query)))
+                count = len(list(session.get_objects(query)))
+                if not count:
+                    self._check_token_reachable()
+                return count
         with _CALL_LOCK:
             self._reinitialize()
             session = self._open_session()
             try:
-                return len(list(session.get_objects(query)))
+                count = len(list(session.get_objects(query)))
+                if not count:
+                    self._check_token_reachable()
+                return count
             except pkcs11_errors.PKCS11Error as error:
                 raise _translate(error, self.token_label) from error
             finally:
@@ -382,6 +402,8 @@ class Hsm:
                 obj[Attribute.LABEL]
                 for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})
             ]
+            if not labels:
+                self._check_token_reachable()
         return sorted(label for label in labels if label.startswith(prefix))
 
     def generate_master_key(self, label: str) -> None:
@@ -546,7 +568,14 @@ def _load_library(module_path: str) -> Any:
             )
         try:
             lib = pkcs11.lib(module_path)
-        except (RuntimeError, OSError, pkcs11_errors.PKCS11Error) as error:
+        except pkcs11_errors.PKCS11Error as error:
+            # The module loaded, but C_Initialize failed: the HSM, not the path, is the problem.
+            raise HsmUnavailableError(
+                f"PKCS#11 module {module_path} failed to initialize ({type(error).__name__}); "
+                "check that the HSM is up (for SoftHSM2, that directories.tokendir in the file "
+                f"SOFTHSM2_CONF names, {os.environ.get('SOFTHSM2_CONF', 'unset')}, exists)"
+            ) from error
+        except (RuntimeError, OSError) as error:
             raise ConfigurationError(
                 f"cannot load PKCS#11 module {module_path}: {type(error).__name__}: {error}"
             ) from error
