@@ -11,12 +11,19 @@ records, tasks write encrypted files into ``_spark_kms_staging/<job id>/``,
 and the driver commits all or nothing after checking that every staged file
 begins and ends with ``PARE``. Read: the driver unwraps each KEK that the
 table's files need once, and tasks decrypt one file each.
+
+A table partitioned with ``kms.partition_by`` is written in Hive-style folders,
+one master key per partition value (see :mod:`spark_kms.partitioning`): the
+tasks derive the KEKs of the partitions they meet from a job seed, and the
+commit wraps them under the partitions' master keys before any file becomes
+visible. A read skips the files of erased partitions with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -38,7 +45,7 @@ from spark_kms.errors import CommitError, IntegrityError, InvalidOptionError, Sp
 from spark_kms.jobkeys import JobKeys
 from spark_kms.keyring import CommitRecord, KeyringStore, resolve_location
 from spark_kms.keyservice import KeyService
-from spark_kms.options import TABLE_GROUP, parse_write_options
+from spark_kms.options import TABLE_GROUP, WriteOptions, parse_write_options
 from spark_kms.parquet_crypto import (
     EncryptionPlan,
     check_readable,
@@ -47,6 +54,17 @@ from spark_kms.parquet_crypto import (
     open_encrypted_dataset,
     resolve_column_paths,
     write_encrypted_file,
+)
+from spark_kms.partitioning import (
+    HIVE_NULL,
+    SEED_BYTES,
+    PartitionedWrite,
+    PartitionSeed,
+    check_partition_type,
+    parse_value,
+    partition_id,
+    partition_of,
+    unescape_path_name,
 )
 from spark_kms.settings import KmsSettings
 
@@ -59,26 +77,41 @@ FORMAT_NAME = "kms_parquet"
 _SERVICES: dict[tuple[tuple[str, str], ...], KeyService] = {}
 
 
-def _service(properties: dict[str, str]) -> KeyService:
-    # One key service, and so one HSM login, per Python worker process.
-    cache_key = tuple(sorted(properties.items()))
+def _service(properties: dict[str, str], context: dict[str, str] | None = None) -> KeyService:
+    # One key service, and so one HSM login, per Python worker process and
+    # Spark user. ``context`` holds the Spark user and application id.
+    context = context or {}
+    cache_key = tuple(sorted(properties.items())) + tuple(sorted(context.items()))
     service = _SERVICES.get(cache_key)
     if service is None:
-        service = KeyService(KmsSettings.from_properties(properties))
+        service = KeyService(
+            KmsSettings.from_properties(properties),
+            principal=context.get("principal"),
+            application_id=context.get("application_id"),
+        )
         _SERVICES[cache_key] = service
     return service
 
 
-def data_source_class(settings: KmsSettings) -> type[KmsParquetDataSource]:
+def data_source_class(
+    settings: KmsSettings, *, principal: str | None = None, application_id: str | None = None
+) -> type[KmsParquetDataSource]:
     """Return a ``kms_parquet`` data source class bound to ``settings``.
 
     Spark pickles the registered class by value, so the settings (paths and
     labels, never a PIN) reach the Python workers that plan reads and writes.
+    Those workers do not see the Spark user, so ``principal`` (the Spark user,
+    for the access policy and the audit log) and ``application_id`` travel
+    with the class too.
     """
+    context = {"principal": principal, "application_id": application_id}
     return type(
         "KmsParquetDataSource",
         (KmsParquetDataSource,),
-        {"_properties": settings.to_properties()},
+        {
+            "_properties": settings.to_properties(),
+            "_context": {k: v for k, v in context.items() if v},
+        },
     )
 
 
@@ -89,6 +122,7 @@ class KmsParquetDataSource(DataSource):
     """
 
     _properties: ClassVar[dict[str, str]] = {}
+    _context: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def name(cls) -> str:
@@ -108,7 +142,7 @@ class KmsParquetDataSource(DataSource):
                 "the kms_parquet data source is not bound to settings; register it with "
                 "spark_kms.configure(spark)"
             )
-        return _service(self._properties)
+        return _service(self._properties, self._context)
 
     def schema(self) -> StructType:
         service = self._key_service()
@@ -131,13 +165,24 @@ class KmsParquetDataSource(DataSource):
             group: resolve_column_paths(arrow_schema, columns)
             for group, columns in options.column_keys.items()
         }
+        if options.partition_by:
+            _check_partition_column(arrow_schema, options.partition_by, options.column_keys)
 
         service = self._key_service()
-        meta, store = service.open_table_for_write(options.table, location)
+        meta, store = service.open_table_for_write(
+            options.table,
+            location,
+            partition_by=options.partition_by,
+            rotation_period_days=options.rotation_period_days,
+        )
         if not overwrite and meta.spark_schema and store.list_data_files():
             _check_append_schema(meta.table, meta.spark_schema, schema)
 
         job_id = uuid.uuid4().hex[:16]
+        if meta.partition_by:
+            return self._partitioned_writer(
+                service, options, meta.partition_by, store, schema, overwrite, job_id
+            )
         write_keys = service.mint_keks(meta, store, [TABLE_GROUP, *grouped_columns], job_id=job_id)
         footer_kek_id = write_keys.kek_ids[TABLE_GROUP]
         column_keys: dict[str, list[str]] = {}
@@ -171,11 +216,61 @@ class KmsParquetDataSource(DataSource):
             overwrite=overwrite,
             spark_schema=schema.json(),
             properties=dict(self._properties),
+            column_keys=options.column_keys,
+            context=dict(self._context),
+        )
+
+    def _partitioned_writer(
+        self,
+        service: KeyService,
+        options: WriteOptions,
+        column: str,
+        store: KeyringStore,
+        schema: StructType,
+        overwrite: bool,
+        job_id: str,
+    ) -> KmsParquetWriter:
+        # No KEK is minted here: the tasks derive each partition's KEKs from
+        # the job seed, and the commit wraps them (see spark_kms.partitioning).
+        arrow_schema = _to_arrow_schema(schema)
+        _check_partition_column(arrow_schema, column, options.column_keys)
+        file_schema = arrow_schema.remove(arrow_schema.get_field_index(column))
+        grouped_paths = {
+            group: [p for leaves in by_column.values() for p in leaves]
+            for group, by_column in (
+                (group, resolve_column_paths(file_schema, columns))
+                for group, columns in options.column_keys.items()
+            )
+        }
+        partitioned = PartitionedWrite(
+            table=options.table,
+            job_id=job_id,
+            column=column,
+            seed=PartitionSeed(os.urandom(SEED_BYTES)),
+            table_group=TABLE_GROUP,
+            groups=[TABLE_GROUP, *grouped_paths],
+            grouped_paths=grouped_paths,
+            leaves=leaf_paths(file_schema),
+            erased=frozenset(service.erased_partitions(store.location)),
+        )
+        log.info("write job %s on table %s: partitioned by %s", job_id, options.table, column)
+        return KmsParquetWriter(
+            table=options.table,
+            location=store.location,
+            staging=f"{store.staging_root}/{job_id}",
+            plan=None,
+            overwrite=overwrite,
+            spark_schema=schema.json(),
+            properties=dict(self._properties),
+            partitioned=partitioned,
+            column_keys=options.column_keys,
+            context=dict(self._context),
         )
 
     def reader(self, schema: StructType) -> KmsParquetReader:
         service = self._key_service()
-        meta, store = service.open_table_for_read(self._location())
+        # The decrypt permission is checked when the reader plans its partitions.
+        meta, store = service.open_table_for_read(self._location(), operation=None)
         if meta.spark_schema:
             _check_projection(meta.table, meta.spark_schema, schema)
         return KmsParquetReader(
@@ -183,6 +278,30 @@ class KmsParquetDataSource(DataSource):
             location=store.location,
             schema=schema,
             properties=dict(self._properties),
+            partition_by=meta.partition_by,
+            context=dict(self._context),
+        )
+
+
+def _check_partition_column(
+    schema: pa.Schema, column: str, column_keys: dict[str, list[str]]
+) -> None:
+    if column not in schema.names:
+        raise InvalidOptionError(
+            f"kms.partition_by column '{column}' is not in the DataFrame; its columns are "
+            + ", ".join(schema.names)
+        )
+    check_partition_type(column, schema.field(column).type)
+    for group, columns in column_keys.items():
+        if column in columns:
+            raise InvalidOptionError(
+                f"partition column '{column}' is listed under key group '{group}' in "
+                "kms.column_keys, but its values are stored in folder names, not in the files; "
+                "remove it from kms.column_keys"
+            )
+    if len(schema.names) == 1:
+        raise InvalidOptionError(
+            f"cannot partition by '{column}', the only column: the files would hold no column"
         )
 
 
@@ -243,30 +362,50 @@ class KmsParquetWriter(DataSourceArrowWriter):
         table: str,
         location: str,
         staging: str,
-        plan: EncryptionPlan,
+        plan: EncryptionPlan | None,
         overwrite: bool,
         spark_schema: str,
         properties: dict[str, str],
+        partitioned: PartitionedWrite | None = None,
+        column_keys: dict[str, list[str]] | None = None,
+        context: dict[str, str] | None = None,
     ) -> None:
+        if (plan is None) == (partitioned is None):
+            raise ValueError("a writer takes either an encryption plan or a partitioned write")
         self.table = table
         self.location = location
         self.staging = staging
         self.plan = plan
+        self.partitioned = partitioned
         self.overwrite = overwrite
         self.spark_schema = spark_schema
         self.properties = properties
+        self.column_keys = column_keys or {}
+        self.context = context or {}
 
     def __repr__(self) -> str:
-        return f"KmsParquetWriter(table={self.table!r}, job_id={self.plan.job_id!r})"
+        return f"KmsParquetWriter(table={self.table!r}, job_id={self.job_id!r})"
+
+    @property
+    def job_id(self) -> str:
+        """The write job's id."""
+        if self.plan is not None:
+            return self.plan.job_id
+        assert self.partitioned is not None
+        return self.partitioned.job_id
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> KmsCommitMessage:
         from pyspark import TaskContext
 
         context = TaskContext.get()
         partition = context.partitionId() if context is not None else 0
-        name = f"part-{partition:05d}-{self.plan.job_id}-{uuid.uuid4().hex[:12]}.parquet"
         filesystem, staging = resolve_location(self.staging)
         filesystem.create_dir(staging, recursive=True)
+        if self.partitioned is not None:
+            result = self.partitioned.write(iterator, staging, filesystem, partition)
+            return KmsCommitMessage(files=result.files, rows=result.rows)
+        assert self.plan is not None
+        name = f"part-{partition:05d}-{self.plan.job_id}-{uuid.uuid4().hex[:12]}.parquet"
         path = f"{staging}/{name}"
         try:
             rows, written_schema = write_encrypted_file(
@@ -280,7 +419,7 @@ class KmsParquetWriter(DataSourceArrowWriter):
         return KmsCommitMessage(files=[name], rows=rows)
 
     def commit(self, messages: list[WriterCommitMessage | None]) -> None:
-        service = _service(self.properties)
+        service = _service(self.properties, self.context)
         store = KeyringStore(self.location)
         filesystem = store.filesystem
         files = [f for m in messages if isinstance(m, KmsCommitMessage) for f in m.files]
@@ -294,61 +433,94 @@ class KmsParquetWriter(DataSourceArrowWriter):
                 "commit",
                 table=self.table,
                 outcome="failed: plaintext file",
-                job_id=self.plan.job_id,
+                job_id=self.job_id,
             )
             raise CommitError(
-                f"job {self.plan.job_id} staged {len(plaintext)} file(s) that are not encrypted "
+                f"job {self.job_id} staged {len(plaintext)} file(s) that are not encrypted "
                 f"({', '.join(plaintext[:5])}); nothing was committed to table '{self.table}'"
             )
 
-        # 2. The table may have been erased while the tasks ran.
-        meta, _ = service.open_table_for_write(self.table, self.location)
+        # 2. Under the table lock, so that no rotation, erasure or rekey
+        #    interleaves: the table may have been erased or scheduled for
+        #    deletion while the tasks ran; a partitioned job wraps its KEKs now.
+        with service.table_lock(self.table):
+            try:
+                meta, _ = service.check_writable(self.table, self.location)
+                kek_ids = self._persist_keks(service, meta, store, files)
+            except SparkKmsError as error:
+                self._remove_staging(filesystem)
+                service.audit.append(
+                    "commit",
+                    table=self.table,
+                    outcome=f"failed: {type(error).__name__}",
+                    job_id=self.job_id,
+                )
+                raise
 
-        # 3. Record the job, then move its files into place.
-        previous = store.list_data_files() if self.overwrite else []
-        record = CommitRecord(
-            job_id=self.plan.job_id,
-            committed_at=_utc_now(),
-            mode="overwrite" if self.overwrite else "append",
-            files=sorted(files),
-            kek_ids=sorted(self.plan.keys.key_ids),
-            rows=rows,
-        )
-        store.put_commit_record(record)
-        for name in files:
-            filesystem.move(f"{self.staging}/{name}", f"{self.location}/{name}")
-        for old in previous:
-            if old not in files:
-                _delete_quietly(filesystem, f"{self.location}/{old}")
-        meta.spark_schema = self.spark_schema
-        store.write_metadata(meta)
+            # 3. Record the job, then move its files into place.
+            previous = store.list_data_files() if self.overwrite else []
+            record = CommitRecord(
+                job_id=self.job_id,
+                committed_at=_utc_now(),
+                mode="overwrite" if self.overwrite else "append",
+                files=sorted(files),
+                kek_ids=kek_ids,
+                rows=rows,
+                column_keys=self.column_keys,
+            )
+            store.put_commit_record(record)
+            for name in files:
+                if "/" in name:
+                    filesystem.create_dir(f"{self.location}/{name.rsplit('/', 1)[0]}")
+                filesystem.move(f"{self.staging}/{name}", f"{self.location}/{name}")
+            for old in previous:
+                if old not in files:
+                    _delete_quietly(filesystem, f"{self.location}/{old}")
+
+            def set_schema(current: Any) -> None:
+                current.spark_schema = self.spark_schema
+
+            service.update_metadata(store, meta.table_id, set_schema)
         self._remove_staging(filesystem)
         service.audit.append(
             "commit",
             table=self.table,
             outcome="ok",
-            job_id=self.plan.job_id,
+            job_id=self.job_id,
             files=len(files),
             rows=rows,
             mode=record.mode,
         )
         log.info(
             "committed job %s to table %s: %d file(s), %d row(s)",
-            self.plan.job_id,
+            self.job_id,
             self.table,
             len(files),
             rows,
         )
 
+    def _persist_keks(
+        self, service: KeyService, meta: Any, store: KeyringStore, files: list[str]
+    ) -> list[str]:
+        # Returns the KEK ids of the job. A partitioned job wraps the KEKs of
+        # the partitions its files are in, each under its partition's master key.
+        if self.partitioned is None:
+            assert self.plan is not None
+            return sorted(self.plan.keys.key_ids)
+        folders = sorted({folder for name in files if (folder := partition_of(name))})
+        keks = {folder: self.partitioned.keys_for(folder) for folder in folders}
+        service.persist_partition_keks(meta, store, job_id=self.job_id, keks=keks)
+        return sorted(kek_id for by_group in keks.values() for kek_id, _kek in by_group.values())
+
     def abort(self, messages: list[WriterCommitMessage | None]) -> None:
         store = KeyringStore(self.location)
         self._remove_staging(store.filesystem)
-        _service(self.properties).audit.append(
-            "abort", table=self.table, outcome="ok", job_id=self.plan.job_id
+        _service(self.properties, self.context).audit.append(
+            "abort", table=self.table, outcome="ok", job_id=self.job_id
         )
         log.warning(
             "aborted job %s on table %s; its staged files were removed",
-            self.plan.job_id,
+            self.job_id,
             self.table,
         )
 
@@ -360,12 +532,16 @@ class KmsParquetWriter(DataSourceArrowWriter):
 
 
 class KmsFilePartition(InputPartition):
-    """One file to read, with the KEKs it needs."""
+    """One file to read, with the KEKs it needs and, in a partitioned table,
+    the folder text of its partition value (``None`` for null)."""
 
-    def __init__(self, path: str, keys: JobKeys) -> None:
+    def __init__(
+        self, path: str, keys: JobKeys, partition_value: tuple[str | None] | None = None
+    ) -> None:
         super().__init__(path)
         self.path = path
         self.keys = keys
+        self.partition_value = partition_value
 
     def __repr__(self) -> str:
         return f"KmsFilePartition(path={self.path!r}, keys={self.keys!r})"
@@ -385,21 +561,30 @@ class KmsParquetReader(DataSourceReader):
     """
 
     def __init__(
-        self, *, table: str, location: str, schema: StructType, properties: dict[str, str]
+        self,
+        *,
+        table: str,
+        location: str,
+        schema: StructType,
+        properties: dict[str, str],
+        partition_by: str | None = None,
+        context: dict[str, str] | None = None,
     ) -> None:
         self.table = table
         self.location = location
         self.schema = schema
         self.properties = properties
+        self.partition_by = partition_by
+        self.context = context or {}
         self.job_id = uuid.uuid4().hex[:16]
 
     def __repr__(self) -> str:
         return f"KmsParquetReader(table={self.table!r}, job_id={self.job_id!r})"
 
     def partitions(self) -> Sequence[InputPartition]:
-        service = _service(self.properties)
+        service = _service(self.properties, self.context)
         meta, store = service.open_table_for_read(self.location)
-        files = store.list_data_files()
+        files = self._skip_erased_partitions(service, store.list_data_files())
         if not files:
             return [KmsFilePartition("", JobKeys({}))]
 
@@ -408,11 +593,13 @@ class KmsParquetReader(DataSourceReader):
         by_file: dict[str, list[str]] = {}
         for record in store.list_commit_records():
             for name in record.files:
-                by_file[name] = record.kek_ids
-        needed = {kek for name in files for kek in by_file.get(name, [])}
+                by_file[name] = self._partition_keks(name, record.kek_ids)
         unknown = [name for name in files if name not in by_file]
         if unknown:
-            needed.update(store.list_kek_ids())
+            every = store.list_kek_ids()
+            for name in unknown:
+                by_file[name] = self._partition_keks(name, every)
+        needed = {kek for name in files for kek in by_file[name]}
         keys = service.unwrap_keks(meta, store, needed, job_id=self.job_id)
         log.info(
             "read job %s on table %s: %d file(s), %d KEK(s)",
@@ -426,17 +613,60 @@ class KmsParquetReader(DataSourceReader):
             wanted = by_file.get(name)
             partitions.append(
                 KmsFilePartition(
-                    f"{store.location}/{name}", keys if wanted is None else keys.subset(wanted)
+                    f"{store.location}/{name}",
+                    keys if wanted is None else keys.subset(wanted),
+                    self._partition_value(name),
                 )
             )
         return partitions
+
+    def _skip_erased_partitions(self, service: KeyService, files: list[str]) -> list[str]:
+        if not self.partition_by:
+            return files
+        erased = set(service.erased_partitions(self.location))
+        skipped = sorted({folder for name in files if (folder := partition_of(name)) in erased})
+        if skipped:
+            # Python's last-resort handler prints this warning on the worker's
+            # stderr, which Spark copies to the driver's console.
+            log.warning(
+                "read of table %s skips the erased partition(s) %s: their master keys are "
+                "destroyed, so the result holds the other partitions only",
+                self.table,
+                ", ".join(skipped),
+            )
+        return [name for name in files if partition_of(name) not in erased]
+
+    def _partition_keks(self, name: str, kek_ids: list[str]) -> list[str]:
+        # A partitioned job's commit record lists the KEKs of all its
+        # partitions; a file needs only those of its own partition, and the
+        # KEKs of an erased partition cannot be unwrapped.
+        folder = partition_of(name) if self.partition_by else None
+        if folder is None:
+            return list(kek_ids)
+        marker = f".p{partition_id(folder)}.k"
+        return [kek_id for kek_id in kek_ids if marker in kek_id]
+
+    def _partition_value(self, name: str) -> tuple[str | None] | None:
+        if not self.partition_by:
+            return None
+        folder = partition_of(name)
+        if folder is None or "=" not in folder:
+            raise IntegrityError(
+                f"file {name} of table '{self.table}' is not in a {self.partition_by}=<value> "
+                "folder, but the table is partitioned; remove it or run 'spark-kms verify'"
+            )
+        text = unescape_path_name(folder.split("=", 1)[1])
+        return (None if text == HIVE_NULL else text,)
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
         assert isinstance(partition, KmsFilePartition)
         if not partition.path:
             return
-        filesystem, path = resolve_location(partition.path)
-        columns = [f.name for f in self.schema.fields]
+        # The path is already resolved: resolving it again as a URI would
+        # decode the %XX escapes of Hive-style partition folders.
+        filesystem, _location = resolve_location(self.location)
+        path = partition.path
+        columns = [f.name for f in self.schema.fields if f.name != self.partition_by]
         # Opening the dataset already decrypts the footer, so it belongs inside
         # the try: every failure must name the file.
         try:
@@ -452,10 +682,38 @@ class KmsParquetReader(DataSourceReader):
                 [path], keys=partition.keys, filesystem=filesystem, job_id=self.job_id
             )
             nullable = {f.name: f.nullable for f in self.schema.fields}
+            partition_field = self._partition_field(partition)
             for batch in dataset.to_batches(columns=columns, batch_size=65536):
+                if partition_field is not None:
+                    batch = self._with_partition_column(batch, *partition_field)
                 yield _with_nullability(batch, nullable)
         except (SparkKmsError, OSError, pa.ArrowException) as error:
             raise check_readable(error, partition.path) from None
+
+    def _partition_field(self, partition: KmsFilePartition) -> tuple[pa.Field, Any] | None:
+        # The requested partition column and its value in this file's folder.
+        requested = [f for f in self.schema.fields if f.name == self.partition_by]
+        if partition.partition_value is None or not requested:
+            return None
+        field = _to_arrow_schema(StructType(requested)).field(0)
+        return field, parse_value(partition.partition_value[0], field.type)
+
+    def _with_partition_column(
+        self, batch: pa.RecordBatch, field: pa.Field, value: Any
+    ) -> pa.RecordBatch:
+        # Hive-style files do not hold the partition column: it is rebuilt from
+        # the folder name, in the position the requested schema gives it.
+        column = pa.repeat(pa.scalar(value, field.type), batch.num_rows)
+        arrays = []
+        fields = []
+        for requested in self.schema.fields:
+            if requested.name == field.name:
+                arrays.append(column)
+                fields.append(field)
+            else:
+                arrays.append(batch.column(requested.name))
+                fields.append(batch.schema.field(requested.name))
+        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def _with_nullability(batch: pa.RecordBatch, nullable: dict[str, bool]) -> pa.RecordBatch:

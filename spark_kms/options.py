@@ -8,6 +8,14 @@ Writer options:
     Column key groups, ``group: col, col; group2: col``. Each group gets its
     own KEK; every other column and the footer are encrypted under the table's
     group, named ``table``. A struct, list or map column name covers all its leaves.
+``kms.partition_by`` (default: the table's partition column, if any)
+    A column that splits the table into Hive-style folders ``column=value``,
+    each value with its own master key, so one value can be crypto-erased
+    alone. It is fixed when the table is created; the column must be of type
+    string, integer, boolean or date.
+``kms.rotation_period_days`` (default: ``spark.kms.rotation.period.days``, 365)
+    Master-key rotation period of a new table in days, 0 for no automatic
+    rotation; ``spark-kms set-rotation-period`` changes it later.
 """
 
 from __future__ import annotations
@@ -17,13 +25,16 @@ from dataclasses import dataclass, field
 
 from spark_kms.errors import InvalidOptionError
 from spark_kms.jobkeys import check_name
+from spark_kms.settings import parse_rotation_period
 
 __all__ = ["TABLE_GROUP", "WriteOptions", "parse_column_keys", "parse_write_options"]
 
 TABLE_GROUP = "table"
 TABLE = "kms.table"
 COLUMN_KEYS = "kms.column_keys"
-_WRITE_KEYS = {TABLE, COLUMN_KEYS}
+PARTITION_BY = "kms.partition_by"
+ROTATION_PERIOD_DAYS = "kms.rotation_period_days"
+_WRITE_KEYS = {TABLE, COLUMN_KEYS, PARTITION_BY, ROTATION_PERIOD_DAYS}
 _READ_KEYS: set[str] = set()
 
 
@@ -33,6 +44,8 @@ class WriteOptions:
 
     table: str
     column_keys: dict[str, list[str]] = field(default_factory=dict)
+    partition_by: str | None = None
+    rotation_period_days: int | None = None
 
 
 def parse_column_keys(text: str) -> dict[str, list[str]]:
@@ -101,4 +114,17 @@ def parse_write_options(options: Mapping[str, str]) -> WriteOptions:
         )
     check_name("table", table)
     column_keys = parse_column_keys(lowered.get(COLUMN_KEYS, ""))
-    return WriteOptions(table=table, column_keys=column_keys)
+    partition_by = lowered.get(PARTITION_BY, "").strip() or None
+    if partition_by is not None and partition_by.startswith(("_", ".")):
+        raise InvalidOptionError(
+            f"invalid {PARTITION_BY} column {partition_by!r}: folders that start with '_' or "
+            "'.' are not read as table data; partition by another column"
+        )
+    period_text = lowered.get(ROTATION_PERIOD_DAYS, "").strip()
+    period = parse_rotation_period(period_text, ROTATION_PERIOD_DAYS) if period_text else None
+    return WriteOptions(
+        table=table,
+        column_keys=column_keys,
+        partition_by=partition_by,
+        rotation_period_days=period,
+    )

@@ -32,6 +32,7 @@ __all__ = [
     "is_encrypted_file",
     "leaf_paths",
     "open_encrypted_dataset",
+    "open_encrypted_writer",
     "resolve_column_paths",
     "write_encrypted_file",
 ]
@@ -148,21 +149,22 @@ def write_encrypted_file(
     try:
         for batch in batches:
             if writer is None:
-                writer = _open_writer(path, schema or batch.schema, plan, filesystem)
+                writer = open_encrypted_writer(path, schema or batch.schema, plan, filesystem)
             if batch.num_rows:
                 writer.write_batch(batch)
                 rows += batch.num_rows
         if writer is None and schema is not None:
-            writer = _open_writer(path, schema, plan, filesystem)
+            writer = open_encrypted_writer(path, schema, plan, filesystem)
     finally:
         if writer is not None:
             writer.close()
     return rows, (writer.schema if writer is not None else None)
 
 
-def _open_writer(
+def open_encrypted_writer(
     path: str, schema: pa.Schema, plan: EncryptionPlan, filesystem: Any
 ) -> pq.ParquetWriter:
+    """Open a Parquet writer at ``path`` that encrypts with fresh DEKs under ``plan``."""
     return pq.ParquetWriter(
         path,
         schema,

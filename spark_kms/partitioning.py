@@ -25,7 +25,9 @@ import datetime as _datetime
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -33,13 +35,15 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from spark_kms.errors import InvalidOptionError
+from spark_kms.errors import InvalidOptionError, PartitionErasedError
 from spark_kms.jobkeys import JobKeys
-from spark_kms.parquet_crypto import EncryptionPlan
+from spark_kms.parquet_crypto import EncryptionPlan, open_encrypted_writer
 
 __all__ = [
     "HIVE_NULL",
     "PartitionSeed",
+    "PartitionedWrite",
+    "PartitionedTaskResult",
     "check_partition_type",
     "derive_partition_keys",
     "format_value",
@@ -52,6 +56,7 @@ __all__ = [
     "partition_plan",
     "partition_type",
     "split_by_partition",
+    "unescape_path_name",
 ]
 
 # The folder name Hive and Spark use for a null partition value.
@@ -312,3 +317,105 @@ def split_by_partition(
         if position == len(values) or values[position] != values[start]:
             yield format_value(column, values[start]), rest.slice(start, position - start)
             start = position
+
+
+@dataclass
+class PartitionedTaskResult:
+    """What one task of a partitioned job staged: file paths relative to the staging folder."""
+
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+
+
+@dataclass
+class PartitionedWrite:
+    """The part of a partitioned write job that its tasks and its commit share.
+
+    :param groups: every key group of the job, ``table_group`` included.
+    :param grouped_paths: column key group to the Parquet leaf paths it covers.
+    :param leaves: every leaf path of the files (the partition column is not in them).
+    :param erased: folders of erased partitions, which the tasks reject early.
+    """
+
+    table: str
+    job_id: str
+    column: str
+    seed: PartitionSeed
+    table_group: str
+    groups: list[str]
+    grouped_paths: dict[str, list[str]]
+    leaves: list[str]
+    erased: frozenset[str] = frozenset()
+
+    def __repr__(self) -> str:
+        return (
+            f"PartitionedWrite(table={self.table!r}, job_id={self.job_id!r}, "
+            f"column={self.column!r})"
+        )
+
+    def keys_for(self, folder: str) -> dict[str, tuple[str, bytes]]:
+        """Derive the KEKs of one partition: group to (KEK id, KEK)."""
+        return derive_partition_keys(self.seed, self.table, self.job_id, folder, self.groups)
+
+    def write(
+        self, batches: Iterable[pa.RecordBatch], staging: str, filesystem: Any, task: int
+    ) -> PartitionedTaskResult:
+        """Write the task's rows into one encrypted file per partition value under ``staging``.
+
+        :raises PartitionErasedError: for a row of an erased partition; the
+            files this task opened are deleted.
+        """
+        name = f"part-{task:05d}-{self.job_id}-{uuid.uuid4().hex[:12]}.parquet"
+        writers: dict[str, Any] = {}
+        rows = 0
+        try:
+            for batch in batches:
+                for text, part in split_by_partition(batch, self.column):
+                    folder = partition_folder(self.column, text)
+                    if folder in self.erased:
+                        raise PartitionErasedError(
+                            self.table, folder, "write this data to another partition value"
+                        )
+                    writer = writers.get(folder)
+                    if writer is None:
+                        filesystem.create_dir(f"{staging}/{folder}", recursive=True)
+                        writer = self._open(folder, part.schema, staging, name, filesystem)
+                        writers[folder] = writer
+                    writer.write_batch(part)
+                    rows += part.num_rows
+            for writer in writers.values():
+                writer.close()
+        except BaseException:
+            _close_quietly(writers)
+            for folder in writers:
+                _delete_quietly(filesystem, f"{staging}/{folder}/{name}")
+            raise
+        return PartitionedTaskResult(files=sorted(f"{folder}/{name}" for folder in writers), rows=rows)
+
+    def _open(
+        self, folder: str, schema: pa.Schema, staging: str, name: str, filesystem: Any
+    ) -> Any:
+        plan = partition_plan(
+            job_id=self.job_id,
+            table_group=self.table_group,
+            keys=self.keys_for(folder),
+            grouped_paths=self.grouped_paths,
+            leaves=self.leaves,
+        )
+        return open_encrypted_writer(f"{staging}/{folder}/{name}", schema, plan, filesystem)
+
+
+def _close_quietly(writers: Mapping[str, Any]) -> None:
+    # Closes what it can before the files are deleted; the first error is re-raised by the caller.
+    for writer in writers.values():
+        try:
+            writer.close()
+        except (OSError, pa.ArrowException):
+            pass
+
+
+def _delete_quietly(filesystem: Any, path: str) -> None:
+    try:
+        filesystem.delete_file(path)
+    except FileNotFoundError:
+        pass

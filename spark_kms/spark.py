@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -55,11 +56,16 @@ def configure(spark: SparkSession, settings: KmsSettings | None = None) -> KeySe
         required mechanism is not offered.
     """
     settings = settings or _settings_from_spark(spark)
-    service = KeyService(settings)
+    # The Spark user is the principal of the access policy and the audit log.
+    principal = spark.sparkContext.sparkUser()
+    application_id = spark.sparkContext.applicationId
+    service = KeyService(settings, principal=principal, application_id=application_id)
     # Log in now: configuration errors surface here, typed, and not in a job.
     service.hsm  # noqa: B018
 
-    spark.dataSource.register(data_source_class(settings))
+    spark.dataSource.register(
+        data_source_class(settings, principal=principal, application_id=application_id)
+    )
     _CONFIGURED[spark.sparkContext.applicationId] = service
     log.info(
         "spark_kms configured for application %s with token %s",
@@ -128,14 +134,18 @@ def write_table(
     table: str,
     column_keys: str | None = None,
     mode: str = "append",
+    partition_by: str | None = None,
 ) -> None:
     """Write ``df`` to the encrypted table at ``path``, raising typed errors.
 
     :param mode: ``append`` or ``overwrite``.
+    :param partition_by: the ``kms.partition_by`` column: one master key per value.
     """
     writer = df.write.format("kms_parquet").option("kms.table", table).mode(mode)
     if column_keys:
         writer = writer.option("kms.column_keys", column_keys)
+    if partition_by:
+        writer = writer.option("kms.partition_by", partition_by)
     with typed_errors():
         writer.save(path)
 
@@ -143,7 +153,20 @@ def write_table(
 def read_table(spark: SparkSession, path: str) -> DataFrame:
     """Read the encrypted table at ``path``, raising typed errors.
 
-    Spark reads lazily: wrap the actions in :func:`typed_errors` too.
+    Spark reads lazily: wrap the actions in :func:`typed_errors` too. When
+    partitions of the table were crypto-erased, the result holds the other
+    partitions and a :class:`~spark_kms.errors.PartitionsErasedWarning` names
+    the erased ones.
     """
     with typed_errors():
-        return spark.read.format("kms_parquet").load(path)
+        df = spark.read.format("kms_parquet").load(path)
+    service = _CONFIGURED.get(spark.sparkContext.applicationId)
+    erased = service.erased_partitions(path) if service is not None else []
+    if erased:
+        message = (
+            f"the table at {path} has crypto-erased partition(s) {', '.join(erased)}; "
+            "reads return the other partitions only"
+        )
+        log.warning("%s", message)
+        warnings.warn(message, _errors.PartitionsErasedWarning, stacklevel=2)
+    return df

@@ -216,7 +216,12 @@ def test_due_rotation_runs_on_open(service: KeyService, table_name: str, tmp_pat
     assert [(r["outcome"], r["trigger"]) for r in rotations] == [("ok", "scheduled")]
 
 
-def test_rotate_due_picks_due_tables(service: KeyService, make_table_name, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_rotate_due_picks_due_tables(
+    kms_settings: KmsSettings, key_service: KeyService, make_table_name, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    # A registry of its own: rotate_due visits every registered table.
+    settings = replace(kms_settings, registry_dir=str(tmp_path / "registry"))
+    service = KeyService(settings, hsm=key_service.hsm)
     short, default, never = make_table_name("short"), make_table_name("default"), make_table_name("never")
     service.open_table_for_write(short, str(tmp_path / "short"), rotation_period_days=30)
     service.open_table_for_write(default, str(tmp_path / "default"))
