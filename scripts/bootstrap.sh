@@ -79,5 +79,11 @@ spark.kms.hsm.softhsm2.conf     $conf
 spark.kms.registry              $state/registry
 spark.kms.audit.log             $state/audit.log
 CONF
+
+# 5. The JVM bridge and Delta Lake's jars, and the Spark properties that put
+#    them on the classpath of spark-submit jobs (spark_kms.session_config()).
+"$root/scripts/build_jvm.sh"
+"$venv/bin/python" -c 'from spark_kms.bridge import main; raise SystemExit(main())' \
+    >> "$state/spark-kms.conf"
 chmod 644 "$state/spark-kms.conf"
 echo "bootstrap: ready (token '$label', properties in .state/spark-kms.conf)"
