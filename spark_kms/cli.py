@@ -97,6 +97,17 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from spark_kms.verify import format_report, verify_table
+
+    report = verify_table(
+        KeyService(_settings(args)), args.table, repair=args.repair, older_than=args.older_than
+    )
+    for line in format_report(report):
+        print(line)
+    return 0 if report.ok else EXIT_ERROR
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.verify:
@@ -147,6 +158,24 @@ def _parser() -> argparse.ArgumentParser:
     erase.add_argument("table")
     erase.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     erase.set_defaults(func=_cmd_erase)
+
+    verify = commands.add_parser(
+        "verify", help="check that every file of a table is encrypted and decrypts"
+    )
+    verify.add_argument("table")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove the staged files of jobs that never committed, finish committed ones",
+    )
+    verify.add_argument(
+        "--older-than",
+        type=float,
+        default=24 * 3600,
+        metavar="SECONDS",
+        help="with --repair, only staging folders untouched this long (default: 86400)",
+    )
+    verify.set_defaults(func=_cmd_verify)
 
     audit = commands.add_parser("audit", help="print or verify the audit log")
     audit.add_argument("--table", help="only records of this table")

@@ -67,6 +67,7 @@ from spark_kms.partitioning import (
     unescape_path_name,
 )
 from spark_kms.settings import KmsSettings
+from spark_kms.staging import clean_stale_staging
 
 __all__ = ["FORMAT_NAME", "KmsParquetDataSource", "data_source_class"]
 
@@ -175,6 +176,7 @@ class KmsParquetDataSource(DataSource):
             partition_by=options.partition_by,
             rotation_period_days=options.rotation_period_days,
         )
+        _clean_stale_staging(store)
         if not overwrite and meta.spark_schema and store.list_data_files():
             _check_append_schema(meta.table, meta.spark_schema, schema)
 
@@ -303,6 +305,15 @@ def _check_partition_column(
         raise InvalidOptionError(
             f"cannot partition by '{column}', the only column: the files would hold no column"
         )
+
+
+def _clean_stale_staging(store: KeyringStore) -> None:
+    # Staged files of a job whose driver died are removed by the next write;
+    # a failure to clean them must not fail this write.
+    try:
+        clean_stale_staging(store)
+    except (OSError, SparkKmsError) as error:
+        log.warning("could not clean stale staging folders of %s: %s", store.location, error)
 
 
 def _to_arrow_schema(schema: StructType) -> pa.Schema:
