@@ -14,14 +14,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from spark_kms.audit import AuditLog, verify_chain
+from spark_kms.audit import AuditLog, parse_time, verify_chain
+from spark_kms.cli_lifecycle import add_lifecycle_commands, cli_service, erase_partition
 from spark_kms.errors import SparkKmsError
+from spark_kms.keylabels import versions_in_scope
 from spark_kms.keyservice import KeyService
 from spark_kms.settings import KmsSettings
 
 __all__ = ["main"]
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_DECLINED = 3
 
 
@@ -54,13 +57,15 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"tables": [asdict(e) for e in entries], "key_labels": labels}, indent=2))
         return 0
-    print(f"{'TABLE':<24} {'STATE':<8} {'MASTER KEYS IN TOKEN':<22} LOCATION")
+    print(f"{'TABLE':<24} {'STATE':<16} {'MASTER KEYS IN TOKEN':<22} LOCATION")
     for entry in entries:
         prefix = f"spark_kms/{entry.table}/{entry.table_id}/"
-        versions = [label.rsplit("/", 1)[-1] for label in labels if label.startswith(prefix)]
-        print(
-            f"{entry.table:<24} {entry.state:<8} {','.join(versions) or '-':<22} {entry.location}"
-        )
+        versions = [label.rsplit("/", 1)[-1] for label in versions_in_scope(labels, prefix)]
+        partitions = sum(1 for label in labels if label.startswith(f"{prefix}p/"))
+        keys = ",".join(versions) or "-"
+        if partitions:
+            keys += f" +{partitions} partition"
+        print(f"{entry.table:<24} {entry.state:<16} {keys:<22} {entry.location}")
     return 0
 
 
@@ -70,12 +75,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(status), indent=2))
         return 0
     for key, value in asdict(status).items():
-        print(f"{key:<20} {value}")
+        if key != "partitions":
+            print(f"{key:<20} {value}")
+    for partition in status.partitions:
+        print(
+            f"{'partition':<20} {partition['partition']} {partition['state']} "
+            f"(master key v{partition['master_key_version']})"
+        )
     return 0
 
 
 def _cmd_erase(args: argparse.Namespace) -> int:
-    service = KeyService(_settings(args))
+    service = cli_service(_settings(args))
+    if args.partition:
+        return erase_partition(args, service)
     status = service.status(args.table)
     if not args.yes:
         if not sys.stdin.isatty():
@@ -116,13 +129,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             print(problem)
         print("audit log intact" if not problems else f"{len(problems)} problem(s) found")
         return 0 if not problems else EXIT_ERROR
-    for record in AuditLog(settings.audit_log).records():
-        if args.table and record.get("table") != args.table:
-            continue
-        if args.operation and record.get("operation") != args.operation:
-            continue
-        if args.since and str(record.get("time", "")) < args.since:
-            continue
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as error:
+        print(f"spark-kms audit: invalid time: {error}; use ISO 8601, e.g. 2026-12-01 or "
+              "2026-12-01T08:00:00+00:00", file=sys.stderr)
+        return EXIT_USAGE
+    records = AuditLog(settings.audit_log).select(
+        table=args.table, operation=args.operation, since=since, until=until
+    )
+    for record in records:
         print(json.dumps(record, sort_keys=True))
     return 0
 
@@ -154,10 +171,19 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=_cmd_status)
 
-    erase = commands.add_parser("erase", help="crypto-erase a table by destroying its master key")
+    erase = commands.add_parser(
+        "erase", help="crypto-erase a table, or one partition, by destroying its master keys"
+    )
     erase.add_argument("table")
+    erase.add_argument(
+        "--partition",
+        metavar="COLUMN=VALUE",
+        help="erase only this partition value of a table written with kms.partition_by",
+    )
     erase.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     erase.set_defaults(func=_cmd_erase)
+
+    add_lifecycle_commands(commands, _settings)
 
     verify = commands.add_parser(
         "verify", help="check that every file of a table is encrypted and decrypts"
@@ -183,8 +209,9 @@ def _parser() -> argparse.ArgumentParser:
         "--operation", help="only records of this operation (wrap_kek, unwrap_kek, erase, ...)"
     )
     audit.add_argument(
-        "--since", help="only records at or after this ISO 8601 time, e.g. 2026-12-01"
+        "--since", help="only records at or after this ISO 8601 time (UTC if no zone), e.g. 2026-12-01"
     )
+    audit.add_argument("--until", help="only records before this ISO 8601 time (UTC if no zone)")
     audit.add_argument(
         "--verify", action="store_true", help="check the hash chain instead of printing"
     )

@@ -62,7 +62,7 @@ from spark_kms.partitioning import (
     PartitionSeed,
     check_partition_type,
     parse_value,
-    partition_id,
+    partition_kek_ids,
     partition_of,
     unescape_path_name,
 )
@@ -648,14 +648,9 @@ class KmsParquetReader(DataSourceReader):
         return [name for name in files if partition_of(name) not in erased]
 
     def _partition_keks(self, name: str, kek_ids: list[str]) -> list[str]:
-        # A partitioned job's commit record lists the KEKs of all its
-        # partitions; a file needs only those of its own partition, and the
-        # KEKs of an erased partition cannot be unwrapped.
-        folder = partition_of(name) if self.partition_by else None
-        if folder is None:
-            return list(kek_ids)
-        marker = f".p{partition_id(folder)}.k"
-        return [kek_id for kek_id in kek_ids if marker in kek_id]
+        # The KEKs of an erased partition cannot be unwrapped, so each file
+        # asks only for those of its own partition.
+        return partition_kek_ids(partition_of(name) if self.partition_by else None, kek_ids)
 
     def _partition_value(self, name: str) -> tuple[str | None] | None:
         if not self.partition_by:

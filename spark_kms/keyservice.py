@@ -78,6 +78,7 @@ from spark_kms.partitioning import (
 )
 from spark_kms.policy import ADMIN, DECRYPT, ENCRYPT, AccessPolicy
 from spark_kms.registry import RegistryEntry, TableRegistry
+from spark_kms.rekey import finish_pending_rekey
 from spark_kms.rotation import RotationReport
 from spark_kms.settings import KmsSettings, parse_rotation_period
 
@@ -578,11 +579,15 @@ class KeyService:
     ) -> bool:
         """Run a due deletion or rotation of the table; return whether one ran.
 
+        A rekey that stopped while committing is finished first.
+
         A due deletion erases the table (the caller then gets
         :class:`TableErasedError`). A due rotation is skipped when another
         process is rotating the table; when it fails, the table stays usable,
         the failure is logged and audited, and the next touch retries.
         """
+        if store.read_rekey_journal() is not None:
+            finish_pending_rekey(self, store)
         due = _deletion_due(meta, entry)
         if due is not None:
             try:

@@ -52,6 +52,7 @@ __all__ = [
     "partition_folder",
     "partition_id",
     "partition_kek_id",
+    "partition_kek_ids",
     "partition_of",
     "partition_plan",
     "partition_type",
@@ -240,6 +241,18 @@ def partition_id(folder: str) -> str:
 def partition_kek_id(table: str, group: str, folder: str, job_id: str) -> str:
     """Return the id of the KEK of key group ``group`` in one partition, for one job."""
     return f"{table}.{group}.p{partition_id(folder)}.k{job_id}"
+
+
+def partition_kek_ids(folder: str | None, kek_ids: Iterable[str]) -> list[str]:
+    """Return the KEK ids among ``kek_ids`` that belong to the partition ``folder``.
+
+    A partitioned job's commit record lists the KEKs of all its partitions, but
+    a file needs only those of its own. ``None`` (no partition) keeps every id.
+    """
+    if folder is None:
+        return list(kek_ids)
+    marker = f".p{partition_id(folder)}.k"
+    return [kek_id for kek_id in kek_ids if marker in kek_id]
 
 
 def parse_partition_spec(spec: str) -> tuple[str, str]:

@@ -216,6 +216,25 @@ def test_projection_of_unknown_column(spark: SparkSession, table_name: str, tmp_
             spark.read.format("kms_parquet").schema("nope string").load(location).collect()
 
 
+@pytest.mark.parametrize("time_zone", ["UTC", "America/New_York"])
+def test_timestamp_column_round_trip(
+    spark: SparkSession, table_name: str, tmp_path: Path, time_zone: str
+) -> None:
+    location = str(tmp_path / "t")
+    source = spark.sql(
+        "SELECT id, timestamp'2024-03-10 01:30:00' + make_interval(0, 0, 0, 0, id, 0, 0) AS departed "
+        "FROM range(6)"
+    )
+    spark.conf.set("spark.sql.session.timeZone", time_zone)
+    try:
+        spark_kms.write_table(source, location, table=table_name)
+        back = spark_kms.read_table(spark, location)
+        assert back.schema["departed"].dataType.simpleString() == "timestamp"
+        assert_df_equality(source, back, ignore_row_order=True, ignore_nullable=True)
+    finally:
+        spark.conf.set("spark.sql.session.timeZone", "UTC")
+
+
 def test_reused_dataframe_after_filter(
     spark: SparkSession, table_name: str, tmp_path: Path
 ) -> None:
