@@ -319,7 +319,7 @@ def _clean_stale_staging(store: KeyringStore) -> None:
 def _to_arrow_schema(schema: StructType) -> pa.Schema:
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    return to_arrow_schema(schema)
+    return to_arrow_schema(schema, timezone="UTC")
 
 
 def _parse_stored_schema(table: str, stored_json: str) -> StructType:
@@ -692,7 +692,7 @@ class KmsParquetReader(DataSourceReader):
             for batch in dataset.to_batches(columns=columns, batch_size=65536):
                 if partition_field is not None:
                     batch = self._with_partition_column(batch, *partition_field)
-                yield _with_nullability(batch, nullable)
+                yield _with_nullability(_timestamps_in_utc(batch), nullable)
         except (SparkKmsError, OSError, pa.ArrowException) as error:
             raise check_readable(error, partition.path) from None
 
@@ -720,6 +720,26 @@ class KmsParquetReader(DataSourceReader):
                 arrays.append(batch.column(requested.name))
                 fields.append(batch.schema.field(requested.name))
         return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _timestamps_in_utc(batch: pa.RecordBatch) -> pa.RecordBatch:
+    # A file keeps the session time zone of the job that wrote it, but Spark
+    # expects the timestamps a read returns in UTC. The cast keeps the instants.
+    # NOTE: a timestamp inside a struct, list or map keeps the writer's zone, so
+    # Spark rejects it when that zone is not UTC.
+    fields = list(batch.schema)
+    zoned = [
+        i
+        for i, f in enumerate(fields)
+        if pa.types.is_timestamp(f.type) and f.type.tz not in (None, "UTC")
+    ]
+    if not zoned:
+        return batch
+    columns = list(batch.columns)
+    for i in zoned:
+        fields[i] = fields[i].with_type(pa.timestamp(fields[i].type.unit, tz="UTC"))
+        columns[i] = columns[i].cast(fields[i].type)
+    return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
 
 
 def _with_nullability(batch: pa.RecordBatch, nullable: dict[str, bool]) -> pa.RecordBatch:
