@@ -127,6 +127,16 @@ def _typed_from_text(text: str) -> SparkKmsError | None:
     return error
 
 
+def _activate_in_this_thread(spark: SparkSession) -> None:
+    # Spark 4.2 finds a registered Python data source through the JVM thread's
+    # active session, which a new Python thread (so a new py4j thread) lacks:
+    # without this, jobs started from other driver threads fail with
+    # DATA_SOURCE_NOT_FOUND for kms_parquet.
+    jvm = spark.sparkContext._jvm
+    if jvm is not None:
+        jvm.org.apache.spark.sql.SparkSession.setActiveSession(spark._jsparkSession)
+
+
 def write_table(
     df: DataFrame,
     path: str,
@@ -146,6 +156,7 @@ def write_table(
         writer = writer.option("kms.column_keys", column_keys)
     if partition_by:
         writer = writer.option("kms.partition_by", partition_by)
+    _activate_in_this_thread(df.sparkSession)
     with typed_errors():
         writer.save(path)
 
@@ -158,6 +169,7 @@ def read_table(spark: SparkSession, path: str) -> DataFrame:
     partitions and a :class:`~spark_kms.errors.PartitionsErasedWarning` names
     the erased ones.
     """
+    _activate_in_this_thread(spark)
     with typed_errors():
         df = spark.read.format("kms_parquet").load(path)
     service = _CONFIGURED.get(spark.sparkContext.applicationId)
