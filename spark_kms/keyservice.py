@@ -11,10 +11,10 @@ the access policy, checked before any key is created or used. Opening a table
 also runs what is due on it: a deletion whose date has passed, or a rotation
 whose period has passed or that was interrupted.
 
-Locks: the registry lock serializes table creation, deletion scheduling and
-erasure; the table lock serializes every change of ``table.json``, of partition
-records and of a table's master keys; the rotation lock lets one rotation run
-per table. They are taken in that order.
+Locks, taken in this order: the registry lock serializes table creation,
+deletion scheduling and erasure. The table lock serializes every change of
+``table.json``, of partition records and of a table's master keys. The
+rotation lock lets one rotation run per table.
 """
 
 from __future__ import annotations
@@ -267,12 +267,12 @@ class KeyService:
         replaces the file with a copy it read before another change.
 
         :raises TableNotFoundError: if the keyring is gone.
-        :raises IntegrityError: if the location now holds another table.
+        :raises IntegrityError: if the location now contains another table.
         """
         meta = store.read_metadata()
         if meta is None:
             raise TableNotFoundError(
-                f"{store.location} holds no spark_kms table ({store.keyring}/table.json is missing)"
+                f"{store.location} contains no spark_kms table ({store.keyring}/table.json is missing)"
             )
         with self.table_lock(meta.table):
             meta = self.current_metadata(store, table_id)
@@ -281,19 +281,19 @@ class KeyService:
         return meta
 
     def current_metadata(self, store: KeyringStore, table_id: str) -> TableMetadata:
-        """Return ``table.json`` as it is now, checking that it still holds table ``table_id``.
+        """Return ``table.json`` as it is now, checking that it still describes table ``table_id``.
 
         :raises TableNotFoundError: if the keyring is gone.
-        :raises IntegrityError: if the location now holds another table.
+        :raises IntegrityError: if the location now contains another table.
         """
         meta = store.read_metadata()
         if meta is None:
             raise TableNotFoundError(
-                f"{store.location} holds no spark_kms table ({store.keyring}/table.json is missing)"
+                f"{store.location} contains no spark_kms table ({store.keyring}/table.json is missing)"
             )
         if meta.table_id != table_id:
             raise IntegrityError(
-                f"{store.location} now holds table id {meta.table_id}, not {table_id}; "
+                f"{store.location} now contains table id {meta.table_id}, not {table_id}; "
                 "the location was replaced"
             )
         return meta
@@ -348,8 +348,8 @@ class KeyService:
         table (a scheduled deletion, a rotation).
 
         :param partition_by: for a new table, the column whose values each get a
-            master key; for an existing table it must match (``None`` keeps the
-            table's column).
+            master key. For an existing table it must match, and ``None`` keeps
+            the table's column.
         :param rotation_period_days: for a new table, its rotation period
             (default: the ``spark.kms.rotation.period.days`` setting).
         :raises AccessDeniedError: if the policy denies ``encrypt``.
@@ -531,7 +531,7 @@ class KeyService:
         self._check_identity(table, store, entry, meta)
         if meta is None:
             raise TableNotFoundError(
-                f"{store.location} holds no spark_kms table ({store.keyring}/table.json is missing)"
+                f"{store.location} contains no spark_kms table ({store.keyring}/table.json is missing)"
             )
         self._raise_for_state(meta, entry)
         return meta, store
@@ -541,7 +541,7 @@ class KeyService:
 
         :raises TableNotFoundError: if the table was never registered.
         :raises TableErasedError: if it was erased.
-        :raises IntegrityError: if its keyring is missing or holds another table.
+        :raises IntegrityError: if its keyring is missing or describes another table.
         """
         entry = self.registry.get(table)
         if entry is None:
@@ -583,8 +583,8 @@ class KeyService:
 
         A due deletion erases the table (the caller then gets
         :class:`TableErasedError`). A due rotation is skipped when another
-        process is rotating the table; when it fails, the table stays usable,
-        the failure is logged and audited, and the next touch retries.
+        process is rotating the table. A failed rotation leaves the table
+        usable: the failure is logged and audited, and the next use retries.
         """
         if store.read_rekey_journal() is not None:
             finish_pending_rekey(self, store)
@@ -858,7 +858,7 @@ class KeyService:
         self, meta: TableMetadata, store: KeyringStore, record: KekRecord
     ) -> tuple[bytes, KekRecord]:
         # A rotation may rewrap the record and destroy its old master key
-        # between reading the record and unwrapping it; then the record is
+        # between reading the record and unwrapping it. The record is then
         # read again and unwrapped under the new version.
         for attempt in range(2):
             try:
@@ -1084,8 +1084,9 @@ class KeyService:
     def purge_due(self) -> list[EraseReport]:
         """Erase every registered table whose scheduled deletion is due.
 
-        The deletion was decided by whoever scheduled it, so this runs without
-        an ``admin`` decision; each erasure is audited with trigger ``scheduled``.
+        The deletion was decided by the principal who scheduled it, so this
+        runs without an ``admin`` decision. Each erasure is audited with
+        trigger ``scheduled``.
         """
         reports = []
         now = self.clock()
@@ -1215,7 +1216,7 @@ class KeyService:
         """Crypto-erase one partition value of ``table``, given as ``column=value``.
 
         The partition is tombstoned, then its master key versions are
-        destroyed. Its files stay on disk but cannot be decrypted; reads of
+        destroyed. Its files stay on disk but cannot be decrypted. Reads of
         the table skip them with a warning, and writes of that value are
         rejected with :class:`PartitionErasedError`.
 

@@ -216,9 +216,9 @@ def partition_folder(column: str, text: str | None) -> str:
     value = HIVE_NULL if text is None else escape_path_name(text)
     folder = f"{escape_path_name(column)}={value}"
     if len(folder.encode("utf-8")) > MAX_FOLDER_BYTES:
-        shown = (text or "")[:40]
+        prefix = (text or "")[:40]
         raise InvalidOptionError(
-            f"partition value {shown!r}... of column '{column}' makes a folder name longer "
+            f"partition value {prefix!r}... of column '{column}' makes a folder name longer "
             f"than {MAX_FOLDER_BYTES} bytes; partition by a column with shorter values"
         )
     return folder
@@ -321,7 +321,7 @@ def split_by_partition(
     batch, whatever the number of distinct values.
     """
     index = batch.schema.get_field_index(column)
-    order = pc.sort_indices(batch.column(index), null_placement="at_end")
+    order = pc.array_sort_indices(batch.column(index), null_placement="at_end")
     ordered = batch.take(order)
     values = ordered.column(index).to_pylist()
     rest = ordered.select([i for i in range(ordered.num_columns) if i != index])
@@ -334,7 +334,7 @@ def split_by_partition(
 
 @dataclass
 class PartitionedTaskResult:
-    """What one task of a partitioned job staged: file paths relative to the staging folder."""
+    """Files one task of a partitioned job staged (paths relative to the staging folder), and rows."""
 
     files: list[str] = field(default_factory=list)
     rows: int = 0

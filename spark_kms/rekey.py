@@ -11,11 +11,12 @@ as they are.
    old KEKs and writes a copy with fresh DEKs under the new KEKs into
    ``_spark_kms_staging/<job id>/``, keeping the file's column key groups and
    partition folder.
-3. Under the table lock the driver writes a journal (``_spark_kms/rekey.json``),
-   then commit records for the new files, moves them in, deletes the old
-   files, and only then deletes the old KEK records and commit records that
-   no committed file needs any more. A rekey that stops after the journal was
-   written is finished the next time a job opens the table or a rekey runs.
+3. Under the table lock the driver writes a journal (``_spark_kms/rekey.json``)
+   and commit records for the new files, moves the new files in and deletes
+   the old ones. Only then does it delete the old KEK records and commit
+   records that no committed file needs any more. A rekey that stops after the
+   journal was written is finished the next time a job opens the table or a
+   rekey runs.
 
 Files of erased partitions cannot be decrypted and are left as they are.
 Files appended while the rekey runs keep their own, new KEKs.
@@ -361,7 +362,7 @@ def _journal(
             f"({', '.join(plaintext[:5])}); nothing of table '{meta.table}' was replaced"
         )
 
-    # One new commit record per column key layout, so a later rekey knows the groups.
+    # One new commit record per column key layout, so that a later rekey finds the groups.
     rows_by_file = {relative: rows for relative, _staged, rows in results}
     layouts: dict[str, CommitRecord] = {}
     for task in tasks:

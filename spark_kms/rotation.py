@@ -1,9 +1,9 @@
 """Master-key rotation without touching data.
 
-A rotation gives every master key of a table (the table's own and, in a
-partitioned table, each active partition's) a new version in the HSM, rewraps
-every KEK record under the new version, and only then destroys the old
-versions. Data files are never read or written: the KEKs, and so the DEKs in
+A rotation gives every master key of a table a new version in the HSM: the
+table's own key and, in a partitioned table, the key of each partition value
+that is not erased. It rewraps every KEK record under the new versions, and
+only then destroys the old versions. Data files are never read or written: the KEKs, and so the DEKs in
 the files' footers, stay the same. The cost is three HSM calls per KEK record
 (unwrap, wrap, and an unwrap that checks the new record) plus one key
 generation and one destruction per master key, whatever the size of the data.
@@ -114,7 +114,7 @@ def rotate_store(
     """
     meta = store.read_metadata()
     if meta is None:
-        raise TableNotFoundError(f"{store.location} holds no spark_kms table")
+        raise TableNotFoundError(f"{store.location} contains no spark_kms table")
     table = meta.table
     with service.rotation_lock(table).hold(blocking=blocking) as held:
         if not held:
@@ -304,7 +304,7 @@ def _rewrap(
         wrapped = base64.b64decode(record.wrapped_kek, validate=True)
     except ValueError:
         raise IntegrityError(
-            f"KEK record {record.kek_id} holds a wrapped key that is not valid base64"
+            f"KEK record {record.kek_id} contains a wrapped key that is not valid base64"
         ) from None
     try:
         kek = service.hsm.decrypt(record.master_key_label, wrapped, aad)

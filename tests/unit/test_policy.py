@@ -103,3 +103,12 @@ def test_missing_policy_file_rejected(tmp_path: Path) -> None:
 def test_unknown_operation_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="unknown policy operation 'delete'"):
         _policy(tmp_path, RULES).allows("secops", "t", "delete")
+
+
+def test_example_policy_parses() -> None:
+    example = AccessPolicy(str(Path(__file__).resolve().parents[2] / "conf" / "policy.json.example"))
+    assert len(example.rules()) == 3
+    assert example.allows("etl-nightly", "flights_2026", "encrypt")
+    assert example.allows("alice", "flights", "decrypt")
+    assert not example.allows("alice", "flights", "encrypt")
+    assert example.allows("secops", "anything", "admin")
