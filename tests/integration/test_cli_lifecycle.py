@@ -120,7 +120,9 @@ def test_deletion_commands(conf_file: Path, service: KeyService, table_name: str
     make_table(service, table_name, tmp_path / "t", jobs=1)
     scheduled = run_cli(conf_file, "schedule-deletion", table_name, "--days", "3")
     assert scheduled.returncode == 0, scheduled.stderr
-    day = (datetime.now(timezone.utc) + timedelta(days=3)).strftime("%Y-%m-%d")
+    due = datetime.fromisoformat(service.status(table_name).deletion_due_at or "")
+    assert timedelta(days=2.99) < due - datetime.now(timezone.utc) <= timedelta(days=3)
+    day = due.strftime("%Y-%m-%d")
     assert f"table '{table_name}' is scheduled for deletion on {day}" in scheduled.stdout
     assert f"run 'spark-kms cancel-deletion {table_name}'" in scheduled.stdout
     assert service.status(table_name).state == "pending_deletion"

@@ -3,6 +3,7 @@ tables, partition-level erasure, scheduled deletion, access policy and audit."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import warnings
@@ -320,3 +321,56 @@ def test_audit_names_spark_application(
         assert record["key_label"].startswith(f"spark_kms/{table_name}/")
         assert record["key_version"] == 1
         assert len(record["kek_ids"]) == 1
+
+
+def test_lifecycle_leaves_no_secret(
+    spark: SparkSession,
+    key_service: KeyService,
+    kms_settings: KmsSettings,
+    spark_event_log: Path,
+    table_name: str,
+    tmp_path: Path,
+) -> None:
+    from spark_kms.partitioning import PartitionedWrite, PartitionSeed
+    from spark_kms.rekey import rekey_table
+    from tests.helpers.independent_kms import read_with_independent_client
+    from tests.helpers.secrets import find_secrets
+
+    location = tmp_path / "t"
+    spark_kms.write_table(
+        customers(spark, 200, 2), str(location), table=table_name, partition_by="customer_id", column_keys="pii: name"
+    )
+    secrets: list[bytes] = []
+
+    def collect() -> None:
+        meta, store = key_service.open_table_for_read(str(location))
+        keys = key_service.unwrap_keks(meta, store, store.list_kek_ids())
+        keks = {kek_id: keys.kek(kek_id) for kek_id in keys.key_ids}
+        secrets.extend(keks.values())
+        for kek_id in keks:
+            secrets.append(base64.b64decode(store.get_kek_record(kek_id).wrapped_kek))
+        for file in data_files(location):
+            _table, seen = read_with_independent_client(str(file), keks)
+            secrets.extend(dek for _kek_id, _wrapped, dek in seen)
+
+    collect()
+    key_service.rotate_table(table_name)
+    collect()
+    rekey_table(spark, table_name, service=key_service)
+    collect()
+    assert kms_settings.pin_file is not None
+    secrets.append(Path(kms_settings.pin_file).read_text().strip().encode())
+
+    seed = bytes(range(32))
+    shown = repr(
+        PartitionedWrite(
+            table=table_name, job_id="j", column="c", seed=PartitionSeed(seed), table_group="table",
+            groups=["table"], grouped_paths={}, leaves=["x"],
+        )
+    )
+    assert find_secrets(shown, [seed]) == []
+    audit = Path(kms_settings.audit_log).read_bytes()
+    assert table_name.encode() in audit
+    assert find_secrets(audit, secrets) == []
+    events = b"".join(p.read_bytes() for p in spark_event_log.rglob("*") if p.is_file())
+    assert find_secrets(events, secrets) == []
