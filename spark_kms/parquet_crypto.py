@@ -41,6 +41,17 @@ ENCRYPTION_ALGORITHM = "AES_GCM_V1"
 DEK_BITS = 256
 PARQUET_ENCRYPTED_MAGIC = b"PARE"
 
+# A row group is written once this many rows or Arrow bytes are buffered.
+# Spark hands a task Arrow batches of spark.sql.execution.arrow.maxRecordsPerBatch
+# rows (10,000 by default). One row group per batch makes files larger and
+# reads slower, because pyarrow 26 unwraps a DEK several times for every
+# encrypted column chunk it reads. 1 Mi rows is pyarrow's default maximum row
+# group length. 128 MiB is parquet-mr's default row group size
+# (parquet.block.size), which Spark's own writer uses. Here it also bounds the
+# Arrow data a task holds in memory.
+ROW_GROUP_MAX_ROWS = 1024 * 1024
+ROW_GROUP_MAX_BYTES = 128 * 1024 * 1024
+
 
 class JobKmsClient(pe.KmsClient):  # type: ignore[misc]
     """A pyarrow KMS client that wraps DEKs with the job's KEKs, in memory.
@@ -139,26 +150,47 @@ def write_encrypted_file(
     """Write ``batches`` to one encrypted Parquet file with fresh DEKs.
 
     The file is created only when there is at least one batch (or ``schema``
-    is given).
+    is given). Batches are buffered into row groups of at most
+    ``ROW_GROUP_MAX_ROWS`` rows and ``ROW_GROUP_MAX_BYTES`` Arrow bytes (a
+    single larger batch is split by rows only).
 
     :returns: the number of rows written and the file's Arrow schema (``None``
         when no file was written).
     """
     writer: pq.ParquetWriter | None = None
     rows = 0
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    pending_bytes = 0
     try:
         for batch in batches:
             if writer is None:
                 writer = open_encrypted_writer(path, schema or batch.schema, plan, filesystem)
-            if batch.num_rows:
-                writer.write_batch(batch)
-                rows += batch.num_rows
+            if not batch.num_rows:
+                continue
+            if pending and (
+                pending_rows + batch.num_rows > ROW_GROUP_MAX_ROWS
+                or pending_bytes + batch.nbytes > ROW_GROUP_MAX_BYTES
+            ):
+                _write_row_group(writer, pending)
+                pending, pending_rows, pending_bytes = [], 0, 0
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            pending_bytes += batch.nbytes
+            rows += batch.num_rows
         if writer is None and schema is not None:
             writer = open_encrypted_writer(path, schema, plan, filesystem)
+        if pending:
+            assert writer is not None
+            _write_row_group(writer, pending)
     finally:
         if writer is not None:
             writer.close()
     return rows, (writer.schema if writer is not None else None)
+
+
+def _write_row_group(writer: pq.ParquetWriter, batches: list[pa.RecordBatch]) -> None:
+    writer.write_table(pa.Table.from_batches(batches), row_group_size=ROW_GROUP_MAX_ROWS)
 
 
 def open_encrypted_writer(

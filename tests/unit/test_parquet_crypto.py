@@ -157,3 +157,52 @@ def test_empty_iterator_writes_no_file(tmp_path: Path, keks: dict[str, bytes]) -
     assert rows == 0
     assert schema is None
     assert not os.path.exists(path)
+
+
+def _row_groups(path: str, keks: dict[str, bytes]) -> list[int]:
+    dataset = open_encrypted_dataset([path], keys=JobKeys(keks), filesystem=pafs.LocalFileSystem(), job_id="rg")
+    fragment = next(iter(dataset.get_fragments()))
+    return [group.num_rows for group in fragment.row_groups]
+
+
+def test_small_batches_share_row_group(tmp_path: Path, keks: dict[str, bytes]) -> None:
+    table = pa.table({"id": pa.array(range(25_000), pa.int64()), "tailnum": ["N14228"] * 25_000})
+    plan = EncryptionPlan(job_id="job4", footer_kek_id=TABLE_KEK, column_keys={}, keys=JobKeys(keks))
+    path = str(tmp_path / "one.parquet")
+    rows, _schema = write_encrypted_file(
+        table.to_batches(max_chunksize=1000), path, plan=plan, filesystem=pafs.LocalFileSystem()
+    )
+    assert rows == 25_000
+    assert _row_groups(path, keks) == [25_000]
+    read, _seen = read_with_independent_client(path, keks)
+    assert read.equals(table)
+
+
+def test_row_group_limits(tmp_path: Path, keks: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    import spark_kms.parquet_crypto as parquet_crypto
+
+    table = pa.table({"id": pa.array(range(25_000), pa.int64())})
+    plan = EncryptionPlan(job_id="job5", footer_kek_id=TABLE_KEK, column_keys={}, keys=JobKeys(keks))
+    batches = table.to_batches(max_chunksize=1000)
+
+    monkeypatch.setattr(parquet_crypto, "ROW_GROUP_MAX_ROWS", 10_000)
+    by_rows = str(tmp_path / "rows.parquet")
+    write_encrypted_file(batches, by_rows, plan=plan, filesystem=pafs.LocalFileSystem())
+    assert _row_groups(by_rows, keks) == [10_000, 10_000, 5_000]
+
+    # 8,000 bytes is one batch of 1,000 int64 values.
+    monkeypatch.setattr(parquet_crypto, "ROW_GROUP_MAX_BYTES", 3 * 8_000)
+    by_bytes = str(tmp_path / "bytes.parquet")
+    write_encrypted_file(batches, by_bytes, plan=plan, filesystem=pafs.LocalFileSystem())
+    assert _row_groups(by_bytes, keks) == [3_000] * 8 + [1_000]
+
+
+def test_large_batch_split_by_rows(tmp_path: Path, keks: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    import spark_kms.parquet_crypto as parquet_crypto
+
+    monkeypatch.setattr(parquet_crypto, "ROW_GROUP_MAX_ROWS", 10_000)
+    table = pa.table({"id": pa.array(range(25_000), pa.int64())})
+    plan = EncryptionPlan(job_id="job6", footer_kek_id=TABLE_KEK, column_keys={}, keys=JobKeys(keks))
+    path = str(tmp_path / "large.parquet")
+    write_encrypted_file(table.to_batches(), path, plan=plan, filesystem=pafs.LocalFileSystem())
+    assert _row_groups(path, keks) == [10_000, 10_000, 5_000]
