@@ -1,7 +1,10 @@
 """spark_kms: encrypted Parquet tables for Apache Spark, master keys in a PKCS#11 HSM.
 
 Call :func:`configure` once per Spark session, then write and read with
-``format("kms_parquet")``.
+``format("kms_parquet")``, or with Spark's own Parquet writer and reader and
+Delta Lake through :func:`write_parquet`, :func:`read_parquet`,
+:func:`write_delta`, :func:`read_delta` and :func:`table_keys`, in a session
+launched with :func:`session_config`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging as _logging
 import os as _os
 import sys as _sys
 
+from spark_kms.bridge import session_config
 from spark_kms.errors import (
     AccessDeniedError,
     AmbiguousKeyError,
@@ -25,6 +29,15 @@ from spark_kms.errors import (
     TableStateError,
 )
 from spark_kms.keyservice import KeyService
+from spark_kms.native import (
+    TableKeys,
+    read_delta,
+    read_parquet,
+    release_keys,
+    table_keys,
+    write_delta,
+    write_parquet,
+)
 from spark_kms.settings import KmsSettings
 from spark_kms.spark import configure, erase_table, read_table, typed_errors, write_table
 
@@ -42,11 +55,19 @@ __all__ = [
     "SparkKmsError",
     "TableErasedError",
     "TableNotFoundError",
+    "TableKeys",
     "TableStateError",
     "configure",
     "erase_table",
+    "read_delta",
+    "read_parquet",
     "read_table",
+    "release_keys",
+    "session_config",
+    "table_keys",
     "typed_errors",
+    "write_delta",
+    "write_parquet",
     "write_table",
 ]
 

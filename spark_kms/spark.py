@@ -3,7 +3,10 @@
 ``configure(spark)`` is the one call a job or notebook makes. It reads the
 ``spark.kms.*`` settings, logs in to the HSM once on the driver (so a wrong
 module, token or PIN fails here with a typed error), and registers the
-``kms_parquet`` data source bound to those settings.
+``kms_parquet`` data source bound to those settings. If the session was
+launched with the JVM bridge (:func:`spark_kms.session_config`), it also lets
+Spark's own Parquet writer and reader, and Delta Lake, encrypt with the same
+keys (:mod:`spark_kms.native`).
 
 Spark runs data source code in separate Python workers and reports their
 errors as its own exception types. :func:`typed_errors` turns such an error
@@ -19,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from spark_kms import bridge
 from spark_kms import errors as _errors
 from spark_kms.datasource import data_source_class
 from spark_kms.errors import ConfigurationError, SparkKmsError
@@ -67,6 +71,7 @@ def configure(spark: SparkSession, settings: KmsSettings | None = None) -> KeySe
         data_source_class(settings, principal=principal, application_id=application_id)
     )
     _CONFIGURED[spark.sparkContext.applicationId] = service
+    bridge.enable(spark)
     log.info(
         "spark_kms configured for application %s with token %s",
         spark.sparkContext.applicationId,
@@ -85,13 +90,17 @@ def _service_of(spark: SparkSession) -> KeyService:
 
 
 def erase_table(spark_or_service: SparkSession | KeyService, table: str) -> EraseReport:
-    """Crypto-erase ``table``; see :meth:`KeyService.erase_table`."""
-    service = (
-        spark_or_service
-        if isinstance(spark_or_service, KeyService)
-        else _service_of(spark_or_service)
-    )
-    return service.erase_table(table)
+    """Crypto-erase ``table``; see :meth:`KeyService.erase_table`.
+
+    Given a Spark session, also unloads the table's KEKs from it.
+    """
+    if isinstance(spark_or_service, KeyService):
+        return spark_or_service.erase_table(table)
+    report = _service_of(spark_or_service).erase_table(table)
+    # Key ids are "<table>.<group>.k<job id>"; table names contain no '.'.
+    loaded = bridge.loaded_kek_ids(spark_or_service)
+    bridge.unload_keys(spark_or_service, [k for k in loaded if k.startswith(f"{table}.")])
+    return report
 
 
 @contextmanager

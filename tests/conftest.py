@@ -98,6 +98,8 @@ def spark(kms_settings: KmsSettings, spark_event_log: Path):  # type: ignore[no-
         .config("spark.eventLog.compress", "false")
         .config("spark.driver.memory", "2g")
         .config("spark.sql.session.timeZone", "UTC")
+        # The JVM bridge and Delta Lake must be on the classpath when the JVM starts.
+        .config(map=spark_kms.session_config())
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("WARN")

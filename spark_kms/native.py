@@ -1,0 +1,604 @@
+"""Spark's own Parquet writer and reader, and Delta Lake, encrypted with spark_kms keys.
+
+Each function here first opens the table in the key service on the driver,
+which checks the policy and the table's state. It then mints the job's KEKs or
+unwraps the ones the table's files need (one HSM call per KEK), loads them into
+the Spark session for the JVM bridge (:mod:`spark_kms.bridge`), and runs
+Spark's own writer or reader. The files are the same as those of ``kms_parquet``: Parquet
+Modular Encryption with the footer and every column encrypted, DEKs wrapped by
+the job's KEKs in parquet-mr's local-wrap format, the KEKs wrapped by the
+table's master key in the HSM. Either path reads the other's files.
+
+Spark reads lazily, so :func:`read_parquet` and :func:`read_delta` leave the
+table's KEKs loaded in the session until :func:`release_keys`, or until the
+table is erased with :func:`spark_kms.erase_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from spark_kms import bridge, delta_lake
+from spark_kms.errors import (
+    ConfigurationError,
+    IntegrityError,
+    InvalidOptionError,
+    TableNotFoundError,
+)
+from spark_kms.jobkeys import JobKeys
+from spark_kms.keyring import KeyringStore, TableMetadata
+from spark_kms.keyservice import KeyService, WriteKeys
+from spark_kms.options import TABLE_GROUP, parse_column_keys
+from spark_kms.spark import _service_of, typed_errors
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+__all__ = [
+    "TableKeys",
+    "read_delta",
+    "read_parquet",
+    "release_keys",
+    "table_keys",
+    "write_delta",
+    "write_parquet",
+]
+
+log = logging.getLogger(__name__)
+
+_MODES = ("append", "overwrite")
+
+
+@dataclass(frozen=True)
+class TableKeys:
+    """Ids of the KEKs a :func:`table_keys` block loaded into the Spark session.
+
+    :param write_kek_ids: key group to the id of the KEK minted for the
+        block's writes; empty in a block opened without ``table``.
+    """
+
+    table: str
+    location: str
+    read_kek_ids: list[str]
+    write_kek_ids: dict[str, str] = field(default_factory=dict)
+
+
+# Checks ------------------------------------------------------------------------
+
+
+def _require_bridge(spark: SparkSession) -> KeyService:
+    service = _service_of(spark)
+    if not bridge.is_enabled(spark):
+        raise ConfigurationError(
+            "the spark_kms JVM bridge is not enabled in this Spark session; launch the session "
+            "with the properties of spark_kms.session_config(), then call spark_kms.configure(spark)"
+        )
+    return service
+
+
+def _require_delta_log_store(spark: SparkSession) -> None:
+    if not bridge.delta_log_store_enabled(spark):
+        raise ConfigurationError(
+            f"spark.delta.logStore.class is not {bridge.LOG_STORE_CLASS}, so Delta Lake would "
+            "write the predicates of DELETE, UPDATE and MERGE into _delta_log in plaintext; "
+            "launch the session with the properties of spark_kms.session_config()"
+        )
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in _MODES:
+        raise InvalidOptionError(f"invalid mode {mode!r}: use 'append' or 'overwrite'")
+
+
+def _check_master_keys(meta: TableMetadata) -> None:
+    if getattr(meta, "partition_by", None):
+        raise InvalidOptionError(
+            f"table '{meta.table}' has a master key per value of column '{meta.partition_by}', "
+            "which only format('kms_parquet') writes and reads"
+        )
+
+
+def _parse_groups(column_keys: str | None) -> dict[str, list[str]]:
+    groups = parse_column_keys(column_keys or "")
+    if delta_lake.DELTA_LOG_GROUP in groups:
+        raise InvalidOptionError(
+            f"key group name '{delta_lake.DELTA_LOG_GROUP}' is reserved for Delta's checkpoints; "
+            "choose another name in kms column keys"
+        )
+    return groups
+
+
+def _check_partition_columns(
+    groups: Mapping[str, Sequence[str]], partition_by: Sequence[str]
+) -> None:
+    # Partition values are folder names and _delta_log entries, in plaintext.
+    under_keys = {column for columns in groups.values() for column in columns}
+    clash = sorted(set(partition_by) & under_keys)
+    if clash:
+        raise InvalidOptionError(
+            f"column(s) {', '.join(clash)} are under a column key, so they cannot be partition "
+            "columns: partition values are stored in plaintext in folder names and _delta_log"
+        )
+
+
+def _reject_plaintext_delta(path: str) -> None:
+    store = KeyringStore(path)
+    if delta_lake.is_delta_location(store) and not store.exists():
+        raise InvalidOptionError(
+            f"{store.location} contains a Delta table that spark_kms did not create, so its files "
+            "and the statistics in its _delta_log are plaintext; write to a new location"
+        )
+
+
+# Keys in the session -------------------------------------------------------------
+
+
+def _table_kek_ids(spark: SparkSession, table: str) -> list[str]:
+    # Key ids are "<table>.<group>.k<job id>"; table names contain no '.'.
+    return [k for k in bridge.loaded_kek_ids(spark) if k.startswith(f"{table}.")]
+
+
+def _unwrap_missing(
+    spark: SparkSession,
+    service: KeyService,
+    meta: TableMetadata,
+    store: KeyringStore,
+    kek_ids: Iterable[str],
+    job_id: str,
+) -> JobKeys:
+    """Unwrap the KEKs in ``kek_ids`` that are not loaded in ``spark`` yet."""
+    missing = sorted(set(kek_ids) - set(bridge.loaded_kek_ids(spark)))
+    if not missing:
+        return JobKeys({})
+    return service.unwrap_keks(meta, store, missing, job_id=job_id)
+
+
+@contextmanager
+def _block_keys(spark: SparkSession, table: str) -> Iterator[None]:
+    """Unload on exit the KEKs loaded inside the block, unless the table was loaded before.
+
+    A table loaded before (by a read) keeps the KEKs of the block's writes, so
+    that its DataFrames can read the new files too.
+    """
+    before = set(bridge.loaded_kek_ids(spark))
+    table_was_loaded = any(k.startswith(f"{table}.") for k in before)
+    try:
+        yield
+    finally:
+        if not table_was_loaded:
+            bridge.unload_keys(spark, set(bridge.loaded_kek_ids(spark)) - before)
+
+
+@contextmanager
+def _writing(
+    spark: SparkSession,
+    service: KeyService,
+    meta: TableMetadata,
+    store: KeyringStore,
+    *,
+    schema: StructType,
+    groups: Mapping[str, Sequence[str]],
+    delta_log_kek_id: str | None,
+    job_id: str,
+) -> Iterator[WriteKeys]:
+    """Mint the KEKs of one write job and configure Spark's Parquet writer with them."""
+    # Resolve the columns first, so that a wrong name mints no KEK.
+    paths = bridge.column_key_paths(spark, schema, groups)
+    started = time.monotonic()
+    write = service.mint_keks(meta, store, [TABLE_GROUP, *groups], job_id=job_id)
+    log.info(
+        "write job %s on table %s: %d KEK(s) minted in %.3f s",
+        job_id,
+        meta.table,
+        len(write.kek_ids),
+        time.monotonic() - started,
+    )
+    bridge.load_keys(spark, write.keys)
+    with bridge.write_keys(
+        spark,
+        table=meta.table,
+        table_id=meta.table_id,
+        footer_kek_id=write.kek_ids[TABLE_GROUP],
+        column_keys={write.kek_ids[group]: leaves for group, leaves in paths.items()},
+        delta_log_kek_id=delta_log_kek_id,
+    ):
+        yield write
+
+
+def _load_delta_log_kek(
+    spark: SparkSession, service: KeyService, meta: TableMetadata, store: KeyringStore, job_id: str
+) -> str:
+    """Load every KEK of the table's Delta log, minting the first one; return the newest id."""
+    kek_ids = delta_lake.delta_log_kek_ids(meta.table, store.list_kek_ids())
+    if not kek_ids:
+        minted = service.mint_keks(meta, store, [delta_lake.DELTA_LOG_GROUP], job_id=job_id)
+        bridge.load_keys(spark, minted.keys)
+        return minted.kek_ids[delta_lake.DELTA_LOG_GROUP]
+    # Two writers that created the table at once may each have minted one; a
+    # checkpoint may be under either, so both are loaded.
+    bridge.load_keys(spark, _unwrap_missing(spark, service, meta, store, kek_ids, job_id))
+    return max(kek_ids, key=lambda k: (store.get_kek_record(k).created_at, k))
+
+
+def _delta_groups(table: str, stored: str | None, column_keys: str | None) -> dict[str, list[str]]:
+    """Return the column-key layout of a write: the one given, which must match the stored one."""
+    if column_keys is None:
+        return _parse_groups(stored)
+    groups = _parse_groups(column_keys)
+    if stored is not None:
+        expected = _parse_groups(stored)
+        if {g: sorted(c) for g, c in groups.items()} != {g: sorted(c) for g, c in expected.items()}:
+            raise InvalidOptionError(
+                f"Delta table '{table}' keeps its columns under the column keys "
+                f"{stored or '(none)'!r}, not {delta_lake.format_column_keys(groups)!r}; pass "
+                "the same column keys, or none to use the table's"
+            )
+    return groups
+
+
+def _kek_ids_for_files(store: KeyringStore) -> set[str]:
+    """Return the KEKs the table's Parquet files need, by the commit records of kms_parquet.
+
+    A file that no commit record names (written through the JVM bridge) may
+    need any KEK of the table, so then all are returned.
+    """
+    by_file: dict[str, list[str]] = {}
+    for record in store.list_commit_records():
+        for name in record.files:
+            by_file[name] = list(record.kek_ids)
+    needed: set[str] = set()
+    for name in store.list_data_files():
+        if name not in by_file:
+            return set(store.list_kek_ids())
+        needed.update(by_file[name])
+    return needed
+
+
+# Public API --------------------------------------------------------------------
+
+
+@contextmanager
+def table_keys(
+    spark: SparkSession,
+    path: str,
+    *,
+    table: str | None = None,
+    column_keys: str | None = None,
+) -> Iterator[TableKeys]:
+    """Encrypt Spark's own reads and writes of the table at ``path`` inside the block.
+
+    Inside the block, Spark's Parquet reader and writer and Delta Lake read
+    the table's files, and write new ones encrypted, for example::
+
+        with spark_kms.table_keys(spark, path, table="flights"):
+            DeltaTable.forPath(spark, path).delete("month = 1")
+            spark.sql(f"OPTIMIZE delta.`{path}`")
+
+    Every KEK of the table is unwrapped on entry (except those already loaded
+    in the session), and with ``table`` one KEK per key group is minted for
+    the block's writes. Errors that Spark reports from the JVM are raised as
+    the spark_kms errors they carry.
+
+    :param table: the table's name, to write; without it the block only reads.
+    :param column_keys: ``group: column, column; group2: column``. For a Delta
+        table the default is the layout stored with the table, and another
+        layout is rejected; for a Parquet table the default is none (every
+        column under the table's KEK).
+    :raises TableNotFoundError: if ``path`` contains no spark_kms table and no
+        ``table`` is given.
+    :raises TableErasedError: if the table was erased.
+    :raises AccessDeniedError: if the policy denies ``decrypt`` (or ``encrypt``
+        with ``table``).
+    :raises ConfigurationError: if the JVM bridge is not enabled, or another
+        write block is active in the session.
+    :raises InvalidOptionError: if a column key names a missing column.
+    """
+    service = _require_bridge(spark)
+    job_id = uuid.uuid4().hex[:16]
+    if table is None:
+        meta, store = service.open_table_for_read(path)
+    else:
+        _reject_plaintext_delta(path)
+        meta, store = service.open_table_for_write(table, path)
+    _check_master_keys(meta)
+    is_delta = delta_lake.is_delta_location(store)
+    if is_delta and table is not None:
+        _require_delta_log_store(spark)
+
+    with _block_keys(spark, meta.table):
+        bridge.load_keys(
+            spark, _unwrap_missing(spark, service, meta, store, store.list_kek_ids(), job_id)
+        )
+        read_kek_ids = _table_kek_ids(spark, meta.table)
+        if table is None:
+            with typed_errors():
+                yield TableKeys(meta.table, store.location, read_kek_ids)
+            return
+
+        log_kek_id: str | None = None
+        if is_delta:
+            log_kek_id = _load_delta_log_kek(spark, service, meta, store, job_id)
+            properties = delta_lake.table_properties(spark, path)
+            groups = _delta_groups(
+                meta.table, properties.get(delta_lake.COLUMN_KEYS_PROPERTY), column_keys
+            )
+            delta_lake.check_column_mapping(meta.table, properties, bool(groups))
+            schema = delta_lake.table_schema(spark, path)
+        else:
+            groups = _parse_groups(column_keys)
+            schema = _stored_schema(meta, required=bool(groups))
+        with _writing(
+            spark,
+            service,
+            meta,
+            store,
+            schema=schema,
+            groups=groups,
+            delta_log_kek_id=log_kek_id,
+            job_id=job_id,
+        ) as write:
+            with typed_errors():
+                yield TableKeys(meta.table, store.location, read_kek_ids, dict(write.kek_ids))
+
+
+def _stored_schema(meta: TableMetadata, *, required: bool) -> StructType:
+    from pyspark.sql.types import StructType
+
+    if not meta.spark_schema:
+        if required:
+            raise InvalidOptionError(
+                f"table '{meta.table}' has no stored schema, so its column keys cannot be "
+                "resolved; write it first with spark_kms.write_parquet or format('kms_parquet')"
+            )
+        return StructType([])
+    try:
+        return StructType.fromJson(json.loads(meta.spark_schema))
+    except (ValueError, KeyError, TypeError) as error:
+        raise IntegrityError(f"table '{meta.table}' has a damaged schema in table.json") from error
+
+
+def write_parquet(
+    df: DataFrame,
+    path: str,
+    *,
+    table: str,
+    column_keys: str | None = None,
+    mode: str = "append",
+) -> None:
+    """Write ``df`` with Spark's own Parquet writer into the spark_kms table at ``path``.
+
+    The files are encrypted like those of ``format("kms_parquet")`` with the
+    same options, and the table stays readable by both paths.
+
+    :param column_keys: ``group: column, column; group2: column``; every other
+        column and the footer are under the table's KEK.
+    :param mode: ``append`` or ``overwrite``. Overwrite writes the new files,
+        then deletes the old ones, so that the table's keyring survives (Spark's
+        own overwrite would delete it); a reader in between reads both.
+    :raises InvalidOptionError: for an invalid mode or column key, a schema
+        that differs from the table's on append, or a Delta table at ``path``.
+    :raises TableErasedError: if the table was erased.
+    :raises ConfigurationError: if the JVM bridge is not enabled.
+    """
+    spark = df.sparkSession
+    service = _require_bridge(spark)
+    _check_mode(mode)
+    groups = _parse_groups(column_keys)
+    _reject_plaintext_delta(path)
+    meta, store = service.open_table_for_write(table, path)
+    _check_master_keys(meta)
+    if delta_lake.is_delta_location(store):
+        raise InvalidOptionError(
+            f"{store.location} contains a Delta table; write it with spark_kms.write_delta"
+        )
+    if mode == "append" and meta.spark_schema and store.list_data_files():
+        _check_append_schema(meta, df.schema)
+    previous = store.list_data_files() if mode == "overwrite" else []
+
+    job_id = uuid.uuid4().hex[:16]
+    with _block_keys(spark, meta.table):
+        with _writing(
+            spark,
+            service,
+            meta,
+            store,
+            schema=df.schema,
+            groups=groups,
+            delta_log_kek_id=None,
+            job_id=job_id,
+        ):
+            with typed_errors():
+                df.write.mode("append").parquet(path)
+
+    for name in previous:
+        try:
+            store.filesystem.delete_file(f"{store.location}/{name}")
+        except FileNotFoundError:
+            pass
+    schema_json = df.schema.json()
+
+    def set_schema(current: TableMetadata) -> None:
+        current.spark_schema = schema_json
+
+    if meta.spark_schema != schema_json:
+        service.update_metadata(store, meta.table_id, set_schema)
+    log.info(
+        "Spark's Parquet writer wrote job %s to table %s (%s), %d old file(s) deleted",
+        job_id,
+        meta.table,
+        mode,
+        len(previous),
+    )
+
+
+def _check_append_schema(meta: TableMetadata, schema: StructType) -> None:
+    stored = _stored_schema(meta, required=True)
+    if [(f.name, f.dataType) for f in stored.fields] != [
+        (f.name, f.dataType) for f in schema.fields
+    ]:
+        raise InvalidOptionError(
+            f"cannot append to table '{meta.table}': the DataFrame schema {schema.simpleString()} "
+            f"differs from the table schema {stored.simpleString()}; use mode='overwrite' "
+            "to replace the table"
+        )
+
+
+def read_parquet(spark: SparkSession, path: str) -> DataFrame:
+    """Read the spark_kms table at ``path`` with Spark's own Parquet reader.
+
+    The table's KEKs stay loaded in the session until :func:`release_keys`.
+
+    :raises TableNotFoundError: if ``path`` contains no spark_kms table.
+    :raises TableErasedError: if the table was erased.
+    :raises InvalidOptionError: if ``path`` contains a Delta table, whose folder
+        also contains the files Delta removed.
+    :raises ConfigurationError: if the JVM bridge is not enabled.
+    """
+    service = _require_bridge(spark)
+    meta, store = service.open_table_for_read(path)
+    _check_master_keys(meta)
+    if delta_lake.is_delta_location(store):
+        raise InvalidOptionError(
+            f"{store.location} contains a Delta table; read it with spark_kms.read_delta"
+        )
+    job_id = uuid.uuid4().hex[:16]
+    keys = _unwrap_missing(spark, service, meta, store, _kek_ids_for_files(store), job_id)
+    bridge.load_keys(spark, keys)
+    log.info("read job %s on table %s: %d KEK(s) unwrapped", job_id, meta.table, len(keys))
+    with typed_errors():
+        return spark.read.parquet(path)
+
+
+def write_delta(
+    df: DataFrame,
+    path: str,
+    *,
+    table: str,
+    column_keys: str | None = None,
+    mode: str = "append",
+    partition_by: Sequence[str] = (),
+    options: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``df`` to the encrypted Delta table at ``path``, creating it if new.
+
+    A new table gets the properties of :data:`spark_kms.delta_lake.TABLE_PROPERTIES`,
+    which keep column statistics out of ``_delta_log``, and stores its
+    column-key layout.
+
+    :param column_keys: ``group: column, column; group2: column``; by default
+        the layout stored with an existing table. Every other column and the
+        footer are under the table's KEK.
+    :param mode: ``append`` or ``overwrite``.
+    :param partition_by: partition columns, which must not be under a column
+        key: partition values are stored in plaintext in folder names.
+    :param options: further Delta writer options, such as ``replaceWhere``.
+    :raises InvalidOptionError: for an invalid mode or column key, a layout
+        that differs from the table's, or a location that contains a Delta table
+        spark_kms did not create or a spark_kms Parquet table.
+    :raises TableErasedError: if the table was erased.
+    :raises ConfigurationError: if the JVM bridge or its Delta log store is not
+        enabled.
+    """
+    spark = df.sparkSession
+    service = _require_bridge(spark)
+    _require_delta_log_store(spark)
+    _check_mode(mode)
+    _reject_plaintext_delta(path)
+    meta, store = service.open_table_for_write(table, path)
+    _check_master_keys(meta)
+    exists = delta_lake.is_delta_location(store)
+    if not exists and store.list_data_files():
+        raise InvalidOptionError(
+            f"{store.location} contains spark_kms table '{meta.table}' in Parquet files; "
+            "Delta would ignore them, so write the Delta table to another location"
+        )
+
+    job_id = uuid.uuid4().hex[:16]
+    with _block_keys(spark, meta.table):
+        log_kek_id = _load_delta_log_kek(spark, service, meta, store, job_id)
+        properties = delta_lake.table_properties(spark, path) if exists else {}
+        groups = _delta_groups(
+            meta.table,
+            properties.get(delta_lake.COLUMN_KEYS_PROPERTY) if exists else None,
+            column_keys,
+        )
+        _check_partition_columns(groups, partition_by)
+        delta_lake.check_column_mapping(meta.table, properties, bool(groups))
+        with _writing(
+            spark,
+            service,
+            meta,
+            store,
+            schema=df.schema,
+            groups=groups,
+            delta_log_kek_id=log_kek_id,
+            job_id=job_id,
+        ):
+            with typed_errors():
+                writer = df.write.format("delta").mode(mode).options(**dict(options or {}))
+                if exists:
+                    delta_lake.repair_properties(spark, path, meta.table, properties)
+                else:
+                    writer = writer.options(**delta_lake.TABLE_PROPERTIES)
+                if partition_by:
+                    writer = writer.partitionBy(*partition_by)
+                writer.save(path)
+                if delta_lake.COLUMN_KEYS_PROPERTY not in properties:
+                    # NOTE: a crash before this commit leaves a new table without a
+                    # stored layout, so its next write must name column_keys again.
+                    delta_lake.set_column_keys(spark, path, delta_lake.format_column_keys(groups))
+    log.info("Delta write job %s on table %s (%s) committed", job_id, meta.table, mode)
+
+
+def read_delta(
+    spark: SparkSession, path: str, *, options: Mapping[str, str] | None = None
+) -> DataFrame:
+    """Read the encrypted Delta table at ``path``.
+
+    Every KEK of the table is unwrapped, once, and stays loaded in the session
+    until :func:`release_keys`.
+
+    :param options: Delta reader options, such as ``versionAsOf``.
+    :raises TableNotFoundError: if ``path`` contains no spark_kms Delta table.
+    :raises TableErasedError: if the table was erased.
+    :raises ConfigurationError: if the JVM bridge is not enabled.
+    """
+    service = _require_bridge(spark)
+    meta, store = service.open_table_for_read(path)
+    _check_master_keys(meta)
+    if not delta_lake.is_delta_location(store):
+        raise TableNotFoundError(
+            f"{store.location} contains spark_kms table '{meta.table}' but no Delta log; read it "
+            "with spark_kms.read_parquet or format('kms_parquet')"
+        )
+    job_id = uuid.uuid4().hex[:16]
+    keys = _unwrap_missing(spark, service, meta, store, store.list_kek_ids(), job_id)
+    bridge.load_keys(spark, keys)
+    log.info("read job %s on Delta table %s: %d KEK(s) unwrapped", job_id, meta.table, len(keys))
+    with typed_errors():
+        return spark.read.format("delta").options(**dict(options or {})).load(path)
+
+
+def release_keys(spark: SparkSession, path: str | None = None) -> int:
+    """Unload the KEKs of the table at ``path`` (default: of every table) from ``spark``.
+
+    DataFrames that read the table fail afterwards with ``KeyNotFoundError``
+    until it is read again.
+
+    :returns: the number of KEKs unloaded.
+    :raises TableNotFoundError: if ``path`` contains no spark_kms table.
+    """
+    if path is None:
+        return bridge.unload_keys(spark)
+    meta = KeyringStore(path).read_metadata()
+    if meta is None:
+        raise TableNotFoundError(f"{path} contains no spark_kms table")
+    return bridge.unload_keys(spark, _table_kek_ids(spark, meta.table))
