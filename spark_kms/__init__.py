@@ -23,9 +23,13 @@ from spark_kms.errors import (
     IntegrityError,
     InvalidOptionError,
     KeyNotFoundError,
+    PartitionErasedError,
+    PartitionNotFoundError,
+    PartitionsErasedWarning,
     SparkKmsError,
     TableErasedError,
     TableNotFoundError,
+    TablePendingDeletionError,
     TableStateError,
 )
 from spark_kms.keyservice import KeyService
@@ -38,6 +42,7 @@ from spark_kms.native import (
     write_delta,
     write_parquet,
 )
+from spark_kms.rekey import rekey_table
 from spark_kms.settings import KmsSettings
 from spark_kms.spark import configure, erase_table, read_table, typed_errors, write_table
 
@@ -52,16 +57,21 @@ __all__ = [
     "KeyNotFoundError",
     "KeyService",
     "KmsSettings",
+    "PartitionErasedError",
+    "PartitionNotFoundError",
+    "PartitionsErasedWarning",
     "SparkKmsError",
     "TableErasedError",
     "TableNotFoundError",
     "TableKeys",
+    "TablePendingDeletionError",
     "TableStateError",
     "configure",
     "erase_table",
     "read_delta",
     "read_parquet",
     "read_table",
+    "rekey_table",
     "release_keys",
     "session_config",
     "table_keys",

@@ -100,11 +100,13 @@ def rekey_table(
     spark: SparkSession,
     table: str,
     *,
-    service: KeyService,
+    service: KeyService | None = None,
     progress: ProgressCallback | None = None,
 ) -> RekeyReport:
     """Rewrite every readable file of ``table`` with new DEKs under new KEKs.
 
+    :param service: by default the key service :func:`spark_kms.configure`
+        set up for ``spark``.
     :param progress: called with (files rewritten, files in total) as the
         Spark job advances, from a background thread.
     :raises AccessDeniedError: if the policy denies ``admin``.
@@ -113,7 +115,10 @@ def rekey_table(
     :raises IntegrityError: if a file is named by no commit record.
     :raises CommitError: if a rewritten file is not encrypted; nothing is replaced.
     """
+    from spark_kms.spark import _service_of
+
     started = time.monotonic()
+    service = service or _service_of(spark)
     service.authorize(table, ADMIN, action="rekey")
     entry, _meta, store = service.registered_table(table)
     meta, store = service.check_writable(table, entry.location)
@@ -180,8 +185,10 @@ def _plan(
     if unknown:
         raise IntegrityError(
             f"{len(unknown)} file(s) of table '{meta.table}' are named by no commit record "
-            f"({', '.join(unknown[:5])}), so rekey cannot tell their keys; run "
-            f"'spark-kms verify {meta.table}' first"
+            f"({', '.join(unknown[:5])}), so rekey cannot tell their keys and column groups. "
+            "rekey rewrites tables written with format 'kms_parquet'; rewrite a table written "
+            "through Spark's Parquet writer or Delta Lake with a new job, and check stray files "
+            f"with 'spark-kms verify {meta.table}'"
         )
     column_keys = {name: _column_keys(store, by_file[name]) for name in live}
 

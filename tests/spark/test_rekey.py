@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 
 import spark_kms
 from spark_kms import cli
-from spark_kms.errors import PartitionsErasedWarning, TablePendingDeletionError
+from spark_kms.errors import IntegrityError, PartitionsErasedWarning, TablePendingDeletionError
 from spark_kms.keyring import KeyringStore
 from spark_kms.keyservice import KeyService
 from spark_kms.rekey import rekey_table
@@ -110,7 +110,7 @@ def test_rekey_partitioned_skips_erased(
     erased_files = {p: p.read_bytes() for p in data_files(location / "customer_id=8")}
     kept_before = data_files(location / "customer_id=7")
 
-    report = rekey_table(spark, table_name, service=key_service)
+    report = spark_kms.rekey_table(spark, table_name)
 
     assert report.files == len(kept_before)
     assert report.skipped_files == len(erased_files)
@@ -187,3 +187,21 @@ def test_rekey_command(
     assert_df_equality(source, back, ignore_row_order=True, ignore_nullable=True)
     rekeys = [r for r in key_service.audit.records() if r.get("table") == table_name and r["operation"] == "rekey"]
     assert [(r["outcome"], r["files"], r["rows"]) for r in rekeys] == [("ok", 3, 300)]
+
+
+def test_rekey_rejects_unrecorded_files(
+    spark: SparkSession, key_service: KeyService, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "t"
+    spark_kms.write_table(orders(spark, 40, 1), str(location), table=table_name)
+    original = data_files(location)[0]
+    stray = location / "part-stray.parquet"
+    stray.write_bytes(original.read_bytes())
+    before = {p: p.read_bytes() for p in data_files(location)}
+    records_before = KeyringStore(str(location)).list_kek_ids()
+
+    with pytest.raises(IntegrityError, match="1 file\\(s\\) of table .* are named by no commit record \\(part-stray.parquet\\)"):
+        rekey_table(spark, table_name, service=key_service)
+
+    assert {p: p.read_bytes() for p in data_files(location)} == before
+    assert KeyringStore(str(location)).list_kek_ids() == records_before
