@@ -13,7 +13,7 @@ begins and ends with ``PARE``. Read: the driver unwraps each KEK that the
 table's files need once, and tasks decrypt one file each.
 
 A table partitioned with ``kms.partition_by`` is written in Hive-style folders,
-one master key per partition value (see :mod:`spark_kms.partitioning`): the
+one master key per partition value (see :mod:`spark_kms.partitioning`). The
 tasks derive the KEKs of the partitions they meet from a job seed, and the
 commit wraps them under the partitions' master keys before any file becomes
 visible. A read skips the files of erased partitions with a warning.
@@ -80,7 +80,7 @@ _SERVICES: dict[tuple[tuple[str, str], ...], KeyService] = {}
 
 def _service(properties: dict[str, str], context: dict[str, str] | None = None) -> KeyService:
     # One key service, and so one HSM login, per Python worker process and
-    # Spark user. ``context`` holds the Spark user and application id.
+    # Spark user. ``context`` contains the Spark user and application id.
     context = context or {}
     cache_key = tuple(sorted(properties.items())) + tuple(sorted(context.items()))
     service = _SERVICES.get(cache_key)
@@ -649,7 +649,7 @@ class KmsParquetReader(DataSourceReader):
 
     def _partition_keks(self, name: str, kek_ids: list[str]) -> list[str]:
         # The KEKs of an erased partition cannot be unwrapped, so each file
-        # asks only for those of its own partition.
+        # gets only those of its own partition.
         return partition_kek_ids(partition_of(name) if self.partition_by else None, kek_ids)
 
     def _partition_value(self, name: str) -> tuple[str | None] | None:

@@ -174,7 +174,7 @@ def read_table(spark: SparkSession, path: str) -> DataFrame:
     """Read the encrypted table at ``path``, raising typed errors.
 
     Spark reads lazily: wrap the actions in :func:`typed_errors` too. When
-    partitions of the table were crypto-erased, the result holds the other
+    partitions of the table were crypto-erased, the result contains the other
     partitions and a :class:`~spark_kms.errors.PartitionsErasedWarning` names
     the erased ones.
     """
