@@ -82,6 +82,8 @@ _WRITE_PROPERTIES = (WRITE_TABLE_ID, FOOTER_KEY, COLUMN_KEYS, DELTA_LOG_KEY, OUT
 # Serializes changes of the key properties; a session's SQL configuration is
 # shared by all threads that use the session.
 _LOCK = threading.RLock()
+# py4j logs every command it sends and every answer at DEBUG, with arguments.
+_PY4J_LOGGERS = ("py4j.clientserver", "py4j.java_gateway")
 
 
 def jar_paths(*, delta: bool = True) -> list[str]:
@@ -186,8 +188,27 @@ def delta_log_store_enabled(spark: SparkSession) -> bool:
 # Keys in the session -----------------------------------------------------------
 
 
+@contextmanager
+def _py4j_silenced() -> Iterator[None]:
+    """Drop py4j's log records inside the block, which would show the KEKs it carries.
+
+    Records of other threads that use py4j meanwhile are dropped too.
+    """
+    with _LOCK:
+        loggers = [logging.getLogger(name) for name in _PY4J_LOGGERS]
+        states = [logger.disabled for logger in loggers]
+        for logger in loggers:
+            logger.disabled = True
+        try:
+            yield
+        finally:
+            for logger, state in zip(loggers, states, strict=True):
+                logger.disabled = state
+
+
 def _loaded(spark: SparkSession) -> dict[str, bytes]:
-    text = spark.conf.get(KEKS, None) or ""
+    with _py4j_silenced():
+        text = spark.conf.get(KEKS, None) or ""
     keks: dict[str, bytes] = {}
     for entry in text.split(","):
         if entry:
@@ -198,10 +219,13 @@ def _loaded(spark: SparkSession) -> dict[str, bytes]:
 
 def _store(spark: SparkSession, keks: Mapping[str, bytes]) -> None:
     if keks:
-        spark.conf.set(
-            KEKS,
-            ",".join(f"{k}:{base64.b64encode(v).decode('ascii')}" for k, v in sorted(keks.items())),
-        )
+        with _py4j_silenced():
+            spark.conf.set(
+                KEKS,
+                ",".join(
+                    f"{k}:{base64.b64encode(v).decode('ascii')}" for k, v in sorted(keks.items())
+                ),
+            )
         # parquet-mr caches one KMS client per instance id; a new id makes the
         # next job build a client with the new set of KEKs.
         spark.conf.set(KMS_INSTANCE_ID, f"spark_kms-{uuid.uuid4().hex[:16]}")
