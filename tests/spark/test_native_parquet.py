@@ -1,0 +1,258 @@
+"""Spark's own Parquet writer and reader through the JVM bridge, with the real SoftHSM2 token."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from chispa import assert_df_equality
+from py4j.protocol import Py4JJavaError
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+import spark_kms
+from spark_kms import bridge
+from spark_kms.errors import (
+    ConfigurationError,
+    InvalidOptionError,
+    KeyNotFoundError,
+    TableErasedError,
+)
+from spark_kms.keyservice import KeyService
+from spark_kms.localwrap import unwrap_key_locally
+from tests.helpers.native import (
+    flights_sample,
+    kek_ids_used,
+    magic_of,
+    parquet_files,
+    table_keks,
+)
+
+VECTORS = Path(__file__).resolve().parent.parent / "data" / "parquet-local-wrap.json"
+
+
+@pytest.fixture(scope="module")
+def flights(spark: SparkSession) -> DataFrame:
+    return flights_sample(spark).cache()
+
+
+def test_parquet_round_trip_with_column_key(
+    spark: SparkSession,
+    flights: DataFrame,
+    key_service: KeyService,
+    table_name: str,
+    tmp_path: Path,
+) -> None:
+    location = tmp_path / "flights"
+    spark_kms.write_parquet(flights, str(location), table=table_name, column_keys="pii: tailnum")
+
+    back = spark_kms.read_parquet(spark, str(location))
+    assert_df_equality(flights, back, ignore_row_order=True, ignore_nullable=True)
+
+    files = parquet_files(location)
+    assert len(files) == 3
+    keks = table_keks(key_service, location)
+    pii = [k for k in keks if k.startswith(f"{table_name}.pii.")]
+    footer = [k for k in keks if k.startswith(f"{table_name}.table.")]
+    assert len(pii) == 1
+    assert len(footer) == 1
+    for file in files:
+        assert magic_of(file) == (b"PARE", b"PARE")
+        assert b"N14228" not in file.read_bytes()
+        # Read by a client written from the format's definition, not by spark_kms.
+        assert kek_ids_used(file, keks) == {pii[0], footer[0]}
+
+
+def test_kms_parquet_table_reads_natively(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "written-by-pyarrow"
+    spark_kms.write_table(flights, str(location), table=table_name, column_keys="pii: tailnum")
+
+    back = spark_kms.read_parquet(spark, str(location))
+
+    assert_df_equality(flights, back, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_native_files_read_by_kms_parquet(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "written-by-spark"
+    spark_kms.write_parquet(flights, str(location), table=table_name, column_keys="pii: tailnum")
+    spark_kms.release_keys(spark, str(location))
+
+    back = spark_kms.read_table(spark, str(location))
+
+    with spark_kms.typed_errors():
+        assert_df_equality(flights, back, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_both_paths_in_one_table(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "mixed")
+    first = flights.filter(F.col("month") == 1)
+    spark_kms.write_table(first.limit(1000), location, table=table_name)
+    spark_kms.write_parquet(first.limit(500), location, table=table_name)
+    expected = first.limit(1000).unionByName(first.limit(500))
+
+    by_spark = spark_kms.read_parquet(spark, location)
+    by_pyarrow = spark_kms.read_table(spark, location)
+
+    assert_df_equality(expected, by_spark, ignore_row_order=True, ignore_nullable=True)
+    with spark_kms.typed_errors():
+        assert_df_equality(expected, by_pyarrow, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_parquet_overwrite_keeps_keyring(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "overwritten"
+    spark_kms.write_parquet(flights, str(location), table=table_name)
+    old_files = set(parquet_files(location))
+    smaller = flights.limit(100)
+
+    spark_kms.write_parquet(smaller, str(location), table=table_name, mode="overwrite")
+
+    assert (location / "_spark_kms" / "table.json").is_file()
+    assert not old_files & set(parquet_files(location))
+    back = spark_kms.read_parquet(spark, str(location))
+    assert_df_equality(smaller, back, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_append_with_other_schema_rejected(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "schema")
+    spark_kms.write_parquet(flights.limit(10), location, table=table_name)
+
+    with pytest.raises(InvalidOptionError, match="differs from the table schema"):
+        spark_kms.write_parquet(flights.select("tailnum"), location, table=table_name)
+
+
+def test_plain_writes_into_table_rejected(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "guarded"
+    spark_kms.write_parquet(flights.limit(100), str(location), table=table_name)
+    before = sorted(p.name for p in location.iterdir())
+    rows = flights.limit(10)
+
+    with pytest.raises(ConfigurationError, match="no write keys for the table"):
+        with spark_kms.typed_errors():
+            rows.write.mode("append").parquet(str(location))
+    with pytest.raises(ConfigurationError, match="deletes the folder with the table's keyring"):
+        with spark_kms.typed_errors():
+            rows.write.mode("overwrite").parquet(str(location))
+    with pytest.raises(ConfigurationError, match="files would be plaintext"):
+        with spark_kms.typed_errors():
+            rows.write.mode("append").json(str(location))
+
+    assert sorted(p.name for p in location.iterdir()) == before
+    assert (location / "_spark_kms" / "table.json").is_file()
+
+
+def test_write_keys_stay_with_their_table(
+    spark: SparkSession,
+    flights: DataFrame,
+    make_table_name: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    first, second = make_table_name("_a"), make_table_name("_b")
+    other = tmp_path / "other"
+    spark_kms.write_parquet(flights.limit(10), str(other), table=second)
+    plain = tmp_path / "plain"
+    rows = flights.limit(10)
+
+    with spark_kms.table_keys(spark, str(tmp_path / "keyed"), table=first):
+        with pytest.raises(ConfigurationError, match=f"table '{second}'"):
+            with spark_kms.typed_errors():
+                rows.write.mode("append").parquet(str(other))
+        rows.write.parquet(str(plain))
+
+    # A folder outside every spark_kms table is written as without spark_kms.
+    for file in parquet_files(plain):
+        assert magic_of(file) == (b"PAR1", b"PAR1")
+
+
+def test_read_after_release_needs_keys(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "released")
+    spark_kms.write_parquet(flights.limit(100), location, table=table_name)
+    df = spark_kms.read_parquet(spark, location)
+    assert df.count() == 100
+
+    released = spark_kms.release_keys(spark, location)
+
+    assert released == 1
+    with pytest.raises(KeyNotFoundError, match=f"KEK '{table_name}.table.k"):
+        with spark_kms.typed_errors():
+            spark.read.parquet(location).count()
+
+
+def test_erased_parquet_table_unreadable(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "erased")
+    spark_kms.write_parquet(flights.limit(100), location, table=table_name)
+    earlier = spark_kms.read_parquet(spark, location)
+    assert earlier.count() == 100
+
+    spark_kms.erase_table(spark, table_name)
+
+    with pytest.raises(TableErasedError, match=f"table '{table_name}' was crypto-erased") as raised:
+        spark_kms.read_parquet(spark, location)
+    assert raised.value.table == table_name
+    with pytest.raises(TableErasedError, match=f"table '{table_name}' was crypto-erased") as raised:
+        with spark_kms.typed_errors():
+            earlier.count()
+    assert raised.value.table == table_name
+    assert not [k for k in bridge.loaded_kek_ids(spark) if k.startswith(f"{table_name}.")]
+
+
+def test_plain_session_config_without_bridge_rejected(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    spark.conf.unset(bridge.CRYPTO_FACTORY)
+    try:
+        with pytest.raises(ConfigurationError, match="JVM bridge is not enabled"):
+            spark_kms.write_parquet(flights.limit(1), str(tmp_path / "t"), table=table_name)
+    finally:
+        assert bridge.enable(spark)
+
+
+def test_bridge_unwraps_parquet_mr_vectors(spark: SparkSession) -> None:
+    jvm = spark._jvm
+    assert jvm is not None
+    vectors = json.loads(VECTORS.read_text())
+    entries = [
+        f"{v['aad_utf8']}:{base64.b64encode(bytes.fromhex(v['kek_hex'])).decode()}" for v in vectors
+    ]
+    configuration = jvm.org.apache.hadoop.conf.Configuration(False)
+    configuration.set(bridge.KEKS, ",".join(entries))
+    client = jvm.spark_kms.bridge.JobKmsClient()
+    client.initialize(configuration, "vectors", "", "")
+
+    for vector in vectors:
+        dek = bytes(client.unwrapKey(vector["wrapped_b64"], vector["aad_utf8"]))
+        assert dek.hex() == vector["dek_hex"]
+        # A wrap by the bridge unwraps with the Python path's local wrap.
+        wrapped = client.wrapKey(bytes.fromhex(vector["dek_hex"]), vector["aad_utf8"])
+        kek = bytes.fromhex(vector["kek_hex"])
+        assert unwrap_key_locally(wrapped, kek, vector["aad_utf8"]).hex() == vector["dek_hex"]
+    assert "key ids" in client.toString()
+    assert vectors[0]["kek_hex"] not in client.toString()
+
+
+def test_bridge_rejects_unknown_kek(spark: SparkSession) -> None:
+    jvm = spark._jvm
+    assert jvm is not None
+    client = jvm.spark_kms.bridge.JobKmsClient()
+    client.initialize(jvm.org.apache.hadoop.conf.Configuration(False), "none", "", "")
+
+    with pytest.raises(Py4JJavaError, match="KEK 't.table.k1' is not loaded"):
+        client.wrapKey(bytes(32), "t.table.k1")
