@@ -12,13 +12,13 @@ import os
 import sys
 from collections.abc import Callable
 
-from spark_kms.keyservice import (
+from spark_kms.erasure import (
     DEFAULT_DELETION_DAYS,
     MAX_DELETION_DAYS,
     MIN_DELETION_DAYS,
-    KeyService,
     display_time,
 )
+from spark_kms.keyservice import KeyService
 from spark_kms.rotation import RotationReport
 from spark_kms.settings import KmsSettings
 

@@ -23,39 +23,42 @@ import base64
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, NoReturn
 
-from spark_kms import rotation
+from spark_kms import erasure, rotation
 from spark_kms.audit import AuditLog, current_principal, parse_time
+from spark_kms.erasure import (
+    DEFAULT_DELETION_DAYS,
+    MANUAL,
+    SCHEDULED,
+    DeletionSchedule,
+    EraseReport,
+    display_time,
+    timestamp,
+)
 from spark_kms.errors import (
     AccessDeniedError,
     ConfigurationError,
-    HsmUnavailableError,
     IntegrityError,
     InvalidOptionError,
     KeyNotFoundError,
     PartitionErasedError,
-    PartitionNotFoundError,
     SparkKmsError,
     TableErasedError,
     TableNotFoundError,
     TablePendingDeletionError,
-    TableStateError,
 )
 from spark_kms.hsm import Hsm
 from spark_kms.jobkeys import JobKeys, check_name
 from spark_kms.keylabels import (
     kek_aad,
     master_key_label,
-    partition_key_prefix,
     partition_master_key_label,
-    table_key_prefix,
 )
 from spark_kms.keyring import (
     ACTIVE,
@@ -68,13 +71,8 @@ from spark_kms.keyring import (
 )
 from spark_kms.locks import FileLock, file_lock
 from spark_kms.partitioning import (
-    format_value,
-    parse_partition_spec,
-    parse_value,
-    partition_folder,
     partition_id,
     partition_kek_id,
-    partition_type,
 )
 from spark_kms.policy import ADMIN, DECRYPT, ENCRYPT, AccessPolicy
 from spark_kms.registry import RegistryEntry, TableRegistry
@@ -95,25 +93,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KEK_BYTES = 32
-MIN_DELETION_DAYS = 1
-MAX_DELETION_DAYS = 30
-DEFAULT_DELETION_DAYS = 7
-
-# Values of the audit field ``trigger``: who started a lifecycle operation.
-MANUAL = "manual"
-SCHEDULED = "scheduled"
-
-
-def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def display_time(text: str) -> str:
-    """Return a stored ISO 8601 time as ``YYYY-MM-DD HH:MM UTC`` (the text itself if invalid)."""
-    try:
-        return parse_time(text).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    except ValueError:
-        return text
 
 
 @dataclass
@@ -147,27 +126,6 @@ class TableStatus:
     deletion_due_at: str | None = None
     partition_by: str | None = None
     partitions: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class EraseReport:
-    """Outcome of a crypto-erasure of a table, or of one partition when ``partition`` is set."""
-
-    table: str
-    table_id: str
-    destroyed_objects: int
-    remaining_objects: int
-    seconds: float
-    partition: str | None = None
-
-
-@dataclass
-class DeletionSchedule:
-    """A table's scheduled deletion: when it was scheduled and when it becomes due."""
-
-    table: str
-    scheduled_at: str
-    due_at: str
 
 
 class KeyService:
@@ -234,14 +192,13 @@ class KeyService:
 
     def now(self) -> str:
         """Return the current time of :attr:`clock` as stored in records (ISO 8601, UTC)."""
-        return _timestamp(self.clock())
+        return timestamp(self.clock())
 
     # Locks ------------------------------------------------------------------
 
     @contextmanager
-    def _registry_lock(self) -> Iterator[None]:
-        # Serializes table creation, deletion scheduling and erasure among the
-        # driver host's processes.
+    def registry_lock(self) -> Iterator[None]:
+        """Hold the lock that serializes table creation, deletion scheduling and erasure."""
         with self._lock_file(".lock").hold():
             yield
 
@@ -366,7 +323,7 @@ class KeyService:
         existing = store.read_metadata()
         if existing is not None and existing.table == table:
             self._run_due_actions(existing, self.registry.get(table), store)
-        with self._registry_lock():
+        with self.registry_lock():
             entry = self.registry.get(table)
             meta = store.read_metadata()
             self._check_identity(table, store, entry, meta)
@@ -985,7 +942,7 @@ class KeyService:
         log.info("table %s: rotation period set to %d day(s)", table, days)
         return meta
 
-    # Scheduled deletion -------------------------------------------------------
+    # Scheduled deletion and erasure (spark_kms.erasure) ---------------------
 
     def schedule_deletion(self, table: str, days: int = DEFAULT_DELETION_DAYS) -> DeletionSchedule:
         """Schedule the crypto-erasure of ``table`` in ``days`` days (1 to 30, default 7).
@@ -998,52 +955,7 @@ class KeyService:
         :raises AccessDeniedError: if the policy denies ``admin``.
         :raises TableStateError: if a deletion is already scheduled.
         """
-        if (
-            not isinstance(days, int)
-            or isinstance(days, bool)
-            or not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS
-        ):
-            raise InvalidOptionError(
-                f"invalid deletion waiting period {days!r} days: give {MIN_DELETION_DAYS} to "
-                f"{MAX_DELETION_DAYS} days (default {DEFAULT_DELETION_DAYS}), or use "
-                f"'spark-kms erase {table}' for an immediate erasure"
-            )
-        self.authorize(table, ADMIN, action="schedule-deletion")
-        with self._registry_lock():
-            entry, meta, store = self.registered_table(table)
-            if entry.state == PENDING_DELETION:
-                raise TableStateError(
-                    f"table '{table}' is already scheduled for deletion on "
-                    f"{display_time(entry.deletion_due_at or '')}; run 'spark-kms cancel-deletion "
-                    f"{table}' first to choose another date"
-                )
-            now = self.clock()
-            scheduled_at = _timestamp(now)
-            due_at = _timestamp(now + timedelta(days=days))
-
-            # The registry entry decides, so it is written first; the keyring
-            # copy makes the state visible to drivers on other hosts.
-            entry.state = PENDING_DELETION
-            entry.deletion_scheduled_at = scheduled_at
-            entry.deletion_due_at = due_at
-            self.registry.put(entry)
-
-            def mark_pending(current: TableMetadata) -> None:
-                current.state = PENDING_DELETION
-                current.deletion_scheduled_at = scheduled_at
-                current.deletion_due_at = due_at
-
-            self.update_metadata(store, meta.table_id, mark_pending)
-        self.audit.append(
-            "schedule_deletion",
-            table=table,
-            outcome="ok",
-            table_id=entry.table_id,
-            deletion_due_at=due_at,
-            trigger=MANUAL,
-        )
-        log.warning("table %s scheduled for deletion on %s", table, due_at)
-        return DeletionSchedule(table=table, scheduled_at=scheduled_at, due_at=due_at)
+        return erasure.schedule_deletion(self, table, days)
 
     def cancel_deletion(self, table: str) -> None:
         """Cancel the scheduled deletion of ``table``; reads and writes work again.
@@ -1052,34 +964,7 @@ class KeyService:
         :raises TableStateError: if no deletion is scheduled.
         :raises TableErasedError: if the deletion already ran.
         """
-        self.authorize(table, ADMIN, action="cancel-deletion")
-        with self._registry_lock():
-            entry, meta, store = self.registered_table(table)
-            if entry.state != PENDING_DELETION and meta.state != PENDING_DELETION:
-                raise TableStateError(
-                    f"table '{table}' is not scheduled for deletion, so there is nothing to cancel"
-                )
-            due_at = entry.deletion_due_at or meta.deletion_due_at
-
-            def mark_active(current: TableMetadata) -> None:
-                current.state = ACTIVE
-                current.deletion_scheduled_at = None
-                current.deletion_due_at = None
-
-            # Reverse order of scheduling: the registry entry, which decides, last.
-            self.update_metadata(store, meta.table_id, mark_active)
-            entry.state = ACTIVE
-            entry.deletion_scheduled_at = None
-            entry.deletion_due_at = None
-            self.registry.put(entry)
-        self.audit.append(
-            "cancel_deletion",
-            table=table,
-            outcome="ok",
-            table_id=entry.table_id,
-            deletion_due_at=due_at,
-        )
-        log.warning("scheduled deletion of table %s (due %s) cancelled", table, due_at)
+        erasure.cancel_deletion(self, table)
 
     def purge_due(self) -> list[EraseReport]:
         """Erase every registered table whose scheduled deletion is due.
@@ -1088,17 +973,7 @@ class KeyService:
         runs without an ``admin`` decision. Each erasure is audited with
         trigger ``scheduled``.
         """
-        reports = []
-        now = self.clock()
-        for entry in self.registry.entries():
-            if entry.state != PENDING_DELETION or not entry.deletion_due_at:
-                continue
-            if parse_time(entry.deletion_due_at) > now:
-                continue
-            reports.append(self.erase_table(entry.table, trigger=SCHEDULED))
-        return reports
-
-    # Erasure --------------------------------------------------------------------
+        return erasure.purge_due(self)
 
     def erase_table(self, table: str, *, trigger: str = MANUAL) -> EraseReport:
         """Crypto-erase ``table``: tombstone it, then destroy every master key version.
@@ -1114,103 +989,7 @@ class KeyService:
         :raises HsmUnavailableError: if a key object could not be destroyed, or
             is still present afterwards; the table stays tombstoned, so retry.
         """
-        if trigger == MANUAL:
-            self.authorize(table, ADMIN, action="erase")
-        started = time.monotonic()
-        with self._registry_lock():
-            entry = self.registry.get(table)
-            if entry is None:
-                raise TableNotFoundError(
-                    f"no table '{table}' in the registry {self.settings.registry_dir}"
-                )
-            with self.table_lock(table):
-                report, labels = self._erase_locked(entry, started, trigger)
-        self.audit.append(
-            "erase",
-            table=table,
-            outcome="ok",
-            table_id=entry.table_id,
-            key_labels=labels,
-            destroyed_objects=report.destroyed_objects,
-            trigger=trigger,
-        )
-        log.info(
-            "crypto-erased table %s: destroyed %d master key object(s)",
-            table,
-            report.destroyed_objects,
-        )
-        return report
-
-    def _erase_locked(
-        self, entry: RegistryEntry, started: float, trigger: str
-    ) -> tuple[EraseReport, list[str]]:
-        table = entry.table
-        erased_at = entry.erased_at or self.now()
-
-        # 1. Tombstone first: from here on no KEK is minted and no key created.
-        entry.state = ERASED
-        entry.erased_at = erased_at
-        entry.deletion_due_at = None
-        self.registry.put(entry)
-        self._tombstone_keyring(entry, erased_at)
-
-        # 2. Destroy every master key version, then confirm with a new session.
-        prefix = table_key_prefix(table, entry.table_id)
-        labels, destroyed, remaining = self._destroy_under(prefix, table, "erase", trigger)
-        report = EraseReport(
-            table, entry.table_id, destroyed, remaining, time.monotonic() - started
-        )
-        if remaining:
-            self.audit.append(
-                "erase",
-                table=table,
-                outcome="failed: key objects remain",
-                table_id=entry.table_id,
-                trigger=trigger,
-            )
-            raise HsmUnavailableError(
-                f"erasure of table '{table}' is incomplete: {remaining} key object(s) remain in "
-                f"token '{self.settings.token_label}'; run the erase again"
-            )
-        return report, labels
-
-    def _destroy_under(
-        self, prefix: str, table: str, operation: str, trigger: str, partition: str | None = None
-    ) -> tuple[list[str], int, int]:
-        # Destroys every key labelled with ``prefix`` and counts, with a new
-        # session, the objects that remain.
-        labels = self.hsm.list_key_labels(prefix)
-        destroyed = 0
-        try:
-            for label in labels:
-                destroyed += self.hsm.destroy_keys(label)
-        except SparkKmsError as error:
-            self.audit.append(
-                operation,
-                table=table,
-                outcome=f"failed: {error}",
-                partition=partition,
-                trigger=trigger,
-            )
-            raise
-        remaining = sum(self.hsm.count_keys(label, fresh_session=True) for label in labels)
-        remaining += len(self.hsm.list_key_labels(prefix))
-        return labels, destroyed, remaining
-
-    def _tombstone_keyring(self, entry: RegistryEntry, erased_at: str) -> None:
-        try:
-            store = KeyringStore(entry.location)
-            meta = store.read_metadata()
-        except (OSError, SparkKmsError) as error:
-            # The registry tombstone is what prevents re-creation; the keyring copy
-            # only makes the state visible beside the data.
-            log.warning("could not mark the keyring of table %s as erased: %s", entry.table, error)
-            return
-        if meta is not None and meta.table_id == entry.table_id and meta.state != ERASED:
-            meta.state = ERASED
-            meta.erased_at = erased_at
-            meta.deletion_due_at = None
-            store.write_metadata(meta)
+        return erasure.erase_table(self, table, trigger=trigger)
 
     def erase_partition(self, table: str, partition: str) -> EraseReport:
         """Crypto-erase one partition value of ``table``, given as ``column=value``.
@@ -1226,72 +1005,8 @@ class KeyService:
         :raises PartitionNotFoundError: if no data was ever written to that value.
         :raises HsmUnavailableError: if a key object remains; retry.
         """
-        self.authorize(table, ADMIN, action="erase", partition=partition)
-        started = time.monotonic()
-        _entry, meta, store = self.registered_table(table)
-        folder = self._partition_folder(meta, partition)
-        with self.table_lock(table):
-            record = store.get_partition_record(partition_id(folder))
-            if record is None:
-                known = [r.folder for r in store.list_partition_records()]
-                raise PartitionNotFoundError(
-                    f"table '{table}' has no partition {folder}; its partitions are "
-                    + (", ".join(known[:10]) + (" ..." if len(known) > 10 else "") or "none")
-                )
-            if record.state != ERASED:
-                record.state = ERASED
-                record.erased_at = self.now()
-                store.put_partition_record(record)
-            prefix = partition_key_prefix(table, meta.table_id, record.partition_id)
-            labels, destroyed, remaining = self._destroy_under(
-                prefix, table, "erase_partition", MANUAL, folder
-            )
-        report = EraseReport(
-            table, meta.table_id, destroyed, remaining, time.monotonic() - started, folder
-        )
-        if remaining:
-            self.audit.append(
-                "erase_partition",
-                table=table,
-                outcome="failed: key objects remain",
-                partition=folder,
-            )
-            raise HsmUnavailableError(
-                f"erasure of partition {folder} of table '{table}' is incomplete: {remaining} key "
-                f"object(s) remain in token '{self.settings.token_label}'; run the erase again"
-            )
-        self.audit.append(
-            "erase_partition",
-            table=table,
-            outcome="ok",
-            partition=folder,
-            table_id=meta.table_id,
-            key_labels=labels,
-            destroyed_objects=destroyed,
-            trigger=MANUAL,
-        )
-        log.info(
-            "crypto-erased partition %s of table %s: destroyed %d master key object(s)",
-            folder,
-            table,
-            destroyed,
-        )
-        return report
+        return erasure.erase_partition(self, table, partition)
 
-    def _partition_folder(self, meta: TableMetadata, spec: str) -> str:
-        if meta.partition_by is None:
-            raise InvalidOptionError(
-                f"table '{meta.table}' is not partitioned, so it has no partition {spec!r}; "
-                f"erase the whole table with 'spark-kms erase {meta.table}'"
-            )
-        column, raw = parse_partition_spec(spec)
-        if column != meta.partition_by:
-            raise InvalidOptionError(
-                f"table '{meta.table}' is partitioned by '{meta.partition_by}', not '{column}'; "
-                f"give the partition as {meta.partition_by}=<value>"
-            )
-        value = parse_value(raw, partition_type(meta.spark_schema, column))
-        return partition_folder(column, format_value(column, value))
 
     def erased_partitions(self, location: str) -> list[str]:
         """Return the folders of the erased partitions of the table at ``location``."""
@@ -1332,7 +1047,7 @@ class KeyService:
             due = rotation.rotation_due_at(meta)
             status.rotation_period_days = meta.rotation_period_days
             status.master_key_since = meta.master_key_since or meta.created_at
-            status.rotation_due_at = _timestamp(due) if due is not None else None
+            status.rotation_due_at = timestamp(due) if due is not None else None
             status.rotation_in_progress = meta.rotation_started_at is not None
             status.partition_by = meta.partition_by
             status.partitions = [
