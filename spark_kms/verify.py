@@ -11,7 +11,8 @@ first failure under the file's name:
 
 It also reports KEK records that fail to unwrap, committed files that are
 missing, files that no commit record names, and staging folders of jobs that
-never finished. With ``repair`` it cleans stale staging folders (see
+never finished. The files and KEK records of crypto-erased partitions cannot
+decrypt by design, so they are listed as erased and not checked. With ``repair`` it cleans stale staging folders (see
 :mod:`spark_kms.staging`); it never changes a data file or a KEK record.
 """
 
@@ -34,6 +35,7 @@ from spark_kms.jobkeys import JobKeys
 from spark_kms.keyring import KeyringStore, TableMetadata
 from spark_kms.keyservice import KeyService
 from spark_kms.parquet_crypto import open_encrypted_dataset
+from spark_kms.partitioning import partition_id, partition_of
 from spark_kms.staging import STALE_AFTER_SECONDS, StagedJob, clean_stale_staging, list_staged_jobs
 
 __all__ = ["FileProblem", "VerifyReport", "verify_location", "verify_table"]
@@ -61,6 +63,7 @@ class VerifyReport:
     unrecorded_files: list[str] = field(default_factory=list)
     staged_jobs: list[StagedJob] = field(default_factory=list)
     cleaned_jobs: list[StagedJob] = field(default_factory=list)
+    erased_partitions: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -104,11 +107,14 @@ def verify_location(
         report.cleaned_jobs = clean_stale_staging(store, older_than=older_than)
     report.staged_jobs = list_staged_jobs(store)
 
+    report.erased_partitions = service.erased_partitions(store.location)
+    erased = set(report.erased_partitions)
     keys = _unwrap_every_kek(service, meta, store, report)
-    files = store.list_data_files()
+    every_file = store.list_data_files()
+    files = [name for name in every_file if partition_of(name) not in erased]
     recorded = {name for record in store.list_commit_records() for name in record.files}
     report.unrecorded_files = [name for name in files if name not in recorded]
-    for name in sorted(recorded - set(files)):
+    for name in sorted(recorded - set(every_file)):
         if not _overwritten(store, name):
             report.problems.append(
                 FileProblem(name, "a commit record names this file but it is missing")
@@ -136,8 +142,11 @@ def _unwrap_every_kek(
     # One HSM call per KEK record; a record that fails is reported and its
     # files are then reported as undecryptable, without stopping the others.
     keys: dict[str, bytes | None] = {}
+    erased = {partition_id(folder) for folder in report.erased_partitions}
     for kek_id in store.list_kek_ids():
         try:
+            if erased and store.get_kek_record(kek_id).partition_id in erased:
+                continue
             unwrapped = service.unwrap_keks(meta, store, [kek_id], job_id="verify")
         except (IntegrityError, KeyNotFoundError, TableStateError) as error:
             report.problems.append(FileProblem(f"_spark_kms/keks/{kek_id}.json", str(error)))
@@ -189,6 +198,8 @@ def format_report(report: VerifyReport) -> list[str]:
     lines = [f"PROBLEM {p.name}: {p.problem}" for p in report.problems]
     for name in report.unrecorded_files:
         lines.append(f"note {name}: no commit record names this file (written by another path?)")
+    for folder in report.erased_partitions:
+        lines.append(f"note {folder}: partition crypto-erased, its files are not checked")
     for job in report.cleaned_jobs:
         action = "rolled forward" if job.committed else "removed"
         lines.append(

@@ -374,3 +374,21 @@ def test_lifecycle_leaves_no_secret(
     assert find_secrets(audit, secrets) == []
     events = b"".join(p.read_bytes() for p in spark_event_log.rglob("*") if p.is_file())
     assert find_secrets(events, secrets) == []
+
+
+def test_verify_lists_erased_partitions(
+    spark: SparkSession, key_service: KeyService, table_name: str, tmp_path: Path
+) -> None:
+    from spark_kms.verify import format_report, verify_table
+
+    location = tmp_path / "t"
+    spark_kms.write_table(customers(spark, 90, 1), str(location), table=table_name, partition_by="customer_id")
+    key_service.erase_partition(table_name, "customer_id=42")
+
+    report = verify_table(key_service, table_name)
+
+    assert report.ok, format_report(report)
+    assert report.erased_partitions == ["customer_id=42"]
+    assert report.files_checked == len(data_files(location)) - len(data_files(location / "customer_id=42"))
+    assert report.rows == 60
+    assert "note customer_id=42: partition crypto-erased, its files are not checked" in format_report(report)
