@@ -12,8 +12,9 @@ first failure under the file's name:
 It also reports KEK records that fail to unwrap, committed files that are
 missing, files that no commit record names, and staging folders of jobs that
 never finished. The files and KEK records of crypto-erased partitions cannot
-decrypt by design, so they are listed as erased and not checked. With ``repair`` it cleans stale staging folders (see
-:mod:`spark_kms.staging`); it never changes a data file or a KEK record.
+decrypt by design, so they are listed as erased and not checked. With
+``repair`` it cleans stale staging folders (see :mod:`spark_kms.staging`); it
+never changes a data file or a KEK record.
 """
 
 from __future__ import annotations
