@@ -12,17 +12,25 @@ MERGE and OPTIMIZE encrypt the same columns under the same key groups.
 Delta's checkpoints (Parquet files in ``_delta_log``) are encrypted too, under a
 KEK of the key group ``delta_log`` that lives as long as the table, so a write
 needs to unwrap that one KEK to read the log, not every KEK of the table.
+
+Each write job records the files it added, with its KEK ids, in
+``_spark_kms/delta_jobs/<job id>.json``, so that a read unwraps only the KEKs
+of the files in the table's current version (:func:`kek_ids_for_files`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import urllib.parse
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from spark_kms.errors import InvalidOptionError
+from spark_kms.errors import IntegrityError, InvalidOptionError
 from spark_kms.keyring import KeyringStore
 
 if TYPE_CHECKING:
@@ -41,6 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DELTA_LOG_DIR = "_delta_log"
+JOBS_DIR = "delta_jobs"
 DELTA_LOG_GROUP = "delta_log"
 COLUMN_KEYS_PROPERTY = "spark_kms.column_keys"
 
@@ -150,3 +159,89 @@ def set_column_keys(spark: SparkSession, location: str, column_keys: str) -> Non
         f"ALTER TABLE {_quoted_path(location)} SET TBLPROPERTIES "
         f"({_literal(COLUMN_KEYS_PROPERTY)} = {_literal(column_keys)})"
     )
+
+
+# Which KEKs the files of a version need ------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeltaJobRecord:
+    """The data files one write job added to a Delta table, and the KEKs of that job."""
+
+    job_id: str
+    committed_at: str
+    kek_ids: list[str]
+    files: list[str]
+
+
+def active_files(spark: SparkSession, store: KeyringStore) -> set[str]:
+    """Return the data files of the table's current version, relative to its folder."""
+    from delta.tables import DeltaTable
+
+    files = set()
+    prefix = store.location.rstrip("/") + "/"
+    for uri in DeltaTable.forPath(spark, store.location).toDF().inputFiles():
+        parsed = urllib.parse.urlparse(uri)
+        path = urllib.parse.unquote(parsed.path)
+        if parsed.scheme not in ("", "file"):
+            path = parsed.netloc + path
+        files.add(path[len(prefix) :] if path.startswith(prefix) else path)
+    return files
+
+
+def put_job_record(store: KeyringStore, record: DeltaJobRecord) -> None:
+    """Write ``record`` to ``_spark_kms/delta_jobs/`` (temporary file, then rename)."""
+    folder = f"{store.keyring}/{JOBS_DIR}"
+    store.filesystem.create_dir(folder, recursive=True)
+    temporary = f"{folder}/.{uuid.uuid4().hex}.tmp"
+    with store.filesystem.open_output_stream(temporary) as stream:
+        stream.write((json.dumps(asdict(record), indent=2, sort_keys=True) + "\n").encode())
+    store.filesystem.move(temporary, f"{folder}/{record.job_id}.json")
+
+
+def job_records(store: KeyringStore) -> list[DeltaJobRecord]:
+    """Return every job record of the table.
+
+    :raises IntegrityError: naming the file if a record is not valid.
+    """
+    folder = f"{store.keyring}/{JOBS_DIR}"
+    selector = pafs.FileSelector(folder, allow_not_found=True)
+    records = []
+    for info in store.filesystem.get_file_info(selector):
+        if not info.base_name.endswith(".json") or info.base_name.startswith("."):
+            continue
+        with store.filesystem.open_input_stream(info.path) as stream:
+            text = stream.read().decode("utf-8", errors="replace")
+        try:
+            records.append(DeltaJobRecord(**json.loads(text)))
+        except (ValueError, TypeError):
+            raise IntegrityError(f"{info.path} is not a valid Delta job record") from None
+    return records
+
+
+def _job_of(kek_id: str) -> str:
+    # Key ids are "<table>.<group>.k<job id>".
+    return kek_id.rsplit(".", 1)[-1][1:]
+
+
+def kek_ids_for_files(
+    files: Iterable[str], records: Sequence[DeltaJobRecord], kek_ids: Sequence[str]
+) -> set[str]:
+    """Return the KEKs, among ``kek_ids``, that reading ``files`` may need.
+
+    These are the KEKs of the jobs whose records name the files, and of every
+    job without a record (one that failed before recording, or still runs),
+    whose files may be among them. A file that no record names may need any
+    KEK, so then all are returned.
+    """
+    by_file: dict[str, set[str]] = {}
+    for record in records:
+        for name in record.files:
+            by_file.setdefault(name, set()).update(record.kek_ids)
+    recorded_jobs = {record.job_id for record in records}
+    needed = {k for k in kek_ids if _job_of(k) not in recorded_jobs}
+    for name in files:
+        if name not in by_file:
+            return set(kek_ids)
+        needed |= by_file[name]
+    return needed & set(kek_ids)

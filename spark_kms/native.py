@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from spark_kms import bridge, delta_lake
@@ -33,7 +34,7 @@ from spark_kms.errors import (
     TableNotFoundError,
 )
 from spark_kms.jobkeys import JobKeys
-from spark_kms.keyring import KeyringStore, TableMetadata
+from spark_kms.keyring import CommitRecord, KeyringStore, TableMetadata
 from spark_kms.keyservice import KeyService, WriteKeys
 from spark_kms.options import TABLE_GROUP, parse_column_keys
 from spark_kms.spark import _service_of, typed_errors
@@ -284,7 +285,8 @@ def table_keys(
 
     Every KEK of the table is unwrapped on entry (except those already loaded
     in the session), and with ``table`` one KEK per key group is minted for
-    the block's writes. Errors that Spark reports from the JVM are raised as
+    the block's writes; for a Delta table the files the block adds are
+    recorded with those KEKs on exit. Errors that Spark reports from the JVM are raised as
     the spark_kms errors they carry.
 
     :param table: the table's name, to write; without it the block only reads.
@@ -324,8 +326,10 @@ def table_keys(
             return
 
         log_kek_id: str | None = None
+        before: set[str] = set()
         if is_delta:
             log_kek_id = _load_delta_log_kek(spark, service, meta, store, job_id)
+            before = delta_lake.active_files(spark, store)
             properties = delta_lake.table_properties(spark, path)
             groups = _delta_groups(
                 meta.table, properties.get(delta_lake.COLUMN_KEYS_PROPERTY), column_keys
@@ -345,8 +349,13 @@ def table_keys(
             delta_log_kek_id=log_kek_id,
             job_id=job_id,
         ) as write:
-            with typed_errors():
-                yield TableKeys(meta.table, store.location, read_kek_ids, dict(write.kek_ids))
+            try:
+                with typed_errors():
+                    yield TableKeys(meta.table, store.location, read_kek_ids, dict(write.kek_ids))
+            finally:
+                # Also after a failure: an operation of the block may have committed.
+                if is_delta:
+                    _record_delta_job(spark, store, job_id, before, write.keys.key_ids)
 
 
 def _stored_schema(meta: TableMetadata, *, required: bool) -> StructType:
@@ -399,9 +408,9 @@ def write_parquet(
         raise InvalidOptionError(
             f"{store.location} contains a Delta table; write it with spark_kms.write_delta"
         )
-    if mode == "append" and meta.spark_schema and store.list_data_files():
+    before = store.list_data_files()
+    if mode == "append" and meta.spark_schema and before:
         _check_append_schema(meta, df.schema)
-    previous = store.list_data_files() if mode == "overwrite" else []
 
     job_id = uuid.uuid4().hex[:16]
     with _block_keys(spark, meta.table):
@@ -414,27 +423,90 @@ def write_parquet(
             groups=groups,
             delta_log_kek_id=None,
             job_id=job_id,
-        ):
+        ) as write:
             with typed_errors():
                 df.write.mode("append").parquet(path)
+                files = sorted(set(store.list_data_files()) - set(before))
+                # Spark takes the row count from the footers, which needs the keys.
+                rows = spark.read.parquet(*(f"{path}/{f}" for f in files)).count() if files else 0
+    _commit_parquet(
+        service,
+        meta,
+        store,
+        job_id=job_id,
+        mode=mode,
+        files=files,
+        kek_ids=write.keys.key_ids,
+        rows=rows,
+        groups=groups,
+        previous=before if mode == "overwrite" else [],
+        schema_json=df.schema.json(),
+    )
 
-    for name in previous:
-        try:
-            store.filesystem.delete_file(f"{store.location}/{name}")
-        except FileNotFoundError:
-            pass
-    schema_json = df.schema.json()
 
-    def set_schema(current: TableMetadata) -> None:
-        current.spark_schema = schema_json
+def _commit_parquet(
+    service: KeyService,
+    meta: TableMetadata,
+    store: KeyringStore,
+    *,
+    job_id: str,
+    mode: str,
+    files: list[str],
+    kek_ids: list[str],
+    rows: int,
+    groups: Mapping[str, Sequence[str]],
+    previous: list[str],
+    schema_json: str,
+) -> None:
+    """Record a job of Spark's Parquet writer as kms_parquet records its own jobs.
 
-    if meta.spark_schema != schema_json:
-        service.update_metadata(store, meta.table_id, set_schema)
+    The commit record names the job's files and KEKs, so that kms_parquet
+    unwraps only the KEKs a read needs. On overwrite the files that were there
+    before are deleted now, after the new ones are in place.
+    """
+    with service.table_lock(meta.table):
+        current, _ = service.check_writable(meta.table, store.location)
+        store.put_commit_record(
+            CommitRecord(
+                job_id=job_id,
+                committed_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                mode=mode,
+                files=files,
+                kek_ids=sorted(kek_ids),
+                rows=rows,
+                extra={"writer": "spark"},
+                column_keys={g: list(c) for g, c in groups.items()} or None,
+            )
+        )
+        for name in previous:
+            try:
+                store.filesystem.delete_file(f"{store.location}/{name}")
+            except FileNotFoundError:
+                pass
+        if current.spark_schema != schema_json:
+
+            def set_schema(changed: TableMetadata) -> None:
+                changed.spark_schema = schema_json
+
+            service.update_metadata(store, meta.table_id, set_schema)
+    service.audit.append(
+        "commit",
+        table=meta.table,
+        outcome="ok",
+        job_id=job_id,
+        files=len(files),
+        rows=rows,
+        mode=mode,
+        writer="spark",
+    )
     log.info(
-        "Spark's Parquet writer wrote job %s to table %s (%s), %d old file(s) deleted",
+        "Spark's Parquet writer committed job %s to table %s (%s): %d file(s), %d row(s), "
+        "%d old file(s) deleted",
         job_id,
         meta.table,
         mode,
+        len(files),
+        rows,
         len(previous),
     )
 
@@ -514,16 +586,19 @@ def write_delta(
     _reject_plaintext_delta(path)
     meta, store = service.open_table_for_write(table, path)
     _check_master_keys(meta)
-    exists = delta_lake.is_delta_location(store)
-    if not exists and store.list_data_files():
+    if not delta_lake.is_delta_location(store) and store.list_data_files():
         raise InvalidOptionError(
             f"{store.location} contains spark_kms table '{meta.table}' in Parquet files; "
             "Delta would ignore them, so write the Delta table to another location"
         )
 
+    from delta.tables import DeltaTable
+
     job_id = uuid.uuid4().hex[:16]
     with _block_keys(spark, meta.table):
         log_kek_id = _load_delta_log_kek(spark, service, meta, store, job_id)
+        exists = DeltaTable.isDeltaTable(spark, path)
+        before = delta_lake.active_files(spark, store) if exists else set()
         properties = delta_lake.table_properties(spark, path) if exists else {}
         groups = _delta_groups(
             meta.table,
@@ -541,7 +616,7 @@ def write_delta(
             groups=groups,
             delta_log_kek_id=log_kek_id,
             job_id=job_id,
-        ):
+        ) as write:
             with typed_errors():
                 writer = df.write.format("delta").mode(mode).options(**dict(options or {}))
                 if exists:
@@ -555,7 +630,50 @@ def write_delta(
                     # NOTE: a crash before this commit leaves a new table without a
                     # stored layout, so its next write must name column_keys again.
                     delta_lake.set_column_keys(spark, path, delta_lake.format_column_keys(groups))
-    log.info("Delta write job %s on table %s (%s) committed", job_id, meta.table, mode)
+            added = _record_delta_job(spark, store, job_id, before, write.keys.key_ids)
+    log.info(
+        "Delta write job %s on table %s (%s) committed: %d file(s)",
+        job_id,
+        meta.table,
+        mode,
+        added,
+    )
+
+
+def _record_delta_job(
+    spark: SparkSession,
+    store: KeyringStore,
+    job_id: str,
+    before: set[str],
+    kek_ids: Sequence[str],
+) -> int:
+    """Record the files the job added to the Delta table; return how many.
+
+    A failure is logged, not raised: without the record, reads of the table
+    unwrap every KEK of the table instead of those its files need.
+    """
+    try:
+        files = sorted(delta_lake.active_files(spark, store) - before)
+        delta_lake.put_job_record(
+            store,
+            delta_lake.DeltaJobRecord(
+                job_id=job_id,
+                committed_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                kek_ids=sorted(kek_ids),
+                files=files,
+            ),
+        )
+    except Exception as error:
+        log.warning(
+            "could not record the files of job %s in %s (%s: %s); reads of the table "
+            "will unwrap all its KEKs",
+            job_id,
+            store.keyring,
+            type(error).__name__,
+            error,
+        )
+        return 0
+    return len(files)
 
 
 def read_delta(
@@ -563,8 +681,9 @@ def read_delta(
 ) -> DataFrame:
     """Read the encrypted Delta table at ``path``.
 
-    Every KEK of the table is unwrapped, once, and stays loaded in the session
-    until :func:`release_keys`.
+    The KEKs of the table's current files are unwrapped, once, and stay
+    loaded in the session until :func:`release_keys`. With ``versionAsOf`` or
+    ``timestampAsOf`` in ``options`` every KEK of the table is.
 
     :param options: Delta reader options, such as ``versionAsOf``.
     :raises TableNotFoundError: if ``path`` contains no spark_kms Delta table.
@@ -580,11 +699,29 @@ def read_delta(
             "with spark_kms.read_parquet or format('kms_parquet')"
         )
     job_id = uuid.uuid4().hex[:16]
-    keys = _unwrap_missing(spark, service, meta, store, store.list_kek_ids(), job_id)
+    kek_ids = store.list_kek_ids()
+    log_kek_ids = delta_lake.delta_log_kek_ids(meta.table, kek_ids)
+    keys = _unwrap_missing(spark, service, meta, store, log_kek_ids, job_id)
     bridge.load_keys(spark, keys)
-    log.info("read job %s on Delta table %s: %d KEK(s) unwrapped", job_id, meta.table, len(keys))
+    reader_options = dict(options or {})
+    if {"versionAsOf", "timestampAsOf"} & {k for k in reader_options}:
+        needed = set(kek_ids)
+    else:
+        with typed_errors():
+            files = delta_lake.active_files(spark, store)
+        needed = delta_lake.kek_ids_for_files(files, delta_lake.job_records(store), kek_ids)
+    more = _unwrap_missing(spark, service, meta, store, needed, job_id)
+    bridge.load_keys(spark, more)
+    log.info(
+        "read job %s on Delta table %s: %d of %d KEK(s) needed, %d unwrapped",
+        job_id,
+        meta.table,
+        len(needed | set(log_kek_ids)),
+        len(kek_ids),
+        len(keys) + len(more),
+    )
     with typed_errors():
-        return spark.read.format("delta").options(**dict(options or {})).load(path)
+        return spark.read.format("delta").options(**reader_options).load(path)
 
 
 def release_keys(spark: SparkSession, path: str | None = None) -> int:

@@ -15,12 +15,14 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 import spark_kms
+from spark_kms import delta_lake
 from spark_kms.errors import (
     ConfigurationError,
     InvalidOptionError,
     TableErasedError,
     TableNotFoundError,
 )
+from spark_kms.keyring import KeyringStore
 from spark_kms.keyservice import KeyService
 from spark_kms.settings import KmsSettings
 from tests.helpers.native import (
@@ -392,3 +394,46 @@ def test_delta_on_parquet_table_rejected(
         spark_kms.write_delta(flights.limit(10), location, table=table_name)
     with pytest.raises(TableNotFoundError, match="but no Delta log"):
         spark_kms.read_delta(spark, location)
+
+
+def unwrapped_kek_ids(key_service: KeyService, table: str) -> list[str]:
+    """Return the KEK ids of every successful unwrap of ``table`` in the audit log, in order."""
+    ids: list[str] = []
+    for record in key_service.audit.records():
+        if record.get("table") == table and record.get("operation") == "unwrap_kek":
+            if record.get("outcome") == "ok":
+                ids += list(record.get("kek_ids") or [])
+    return ids
+
+
+def test_delta_read_unwraps_current_keks(
+    spark: SparkSession,
+    flights: DataFrame,
+    key_service: KeyService,
+    table_name: str,
+    tmp_path: Path,
+) -> None:
+    location = str(tmp_path / "versions")
+    spark_kms.write_delta(
+        flights.limit(100), location, table=table_name, column_keys="pii: tailnum"
+    )
+    spark_kms.write_delta(flights.limit(50), location, table=table_name, mode="overwrite")
+    records = sorted(delta_lake.job_records(KeyringStore(location)), key=lambda r: r.committed_at)
+    assert len(records) == 2
+    assert records[0].files
+    assert records[1].files
+    assert set(records[0].files).isdisjoint(records[1].files)
+    seen = len(unwrapped_kek_ids(key_service, table_name))
+
+    current = spark_kms.read_delta(spark, location)
+
+    assert current.collect() and current.count() == 50
+    unwrapped = unwrapped_kek_ids(key_service, table_name)[seen:]
+    assert sorted(unwrapped) == sorted(
+        [k for k in records[-1].kek_ids] + [f"{table_name}.delta_log.k{records[0].job_id}"]
+    )
+    spark_kms.release_keys(spark, location)
+
+    first = spark_kms.read_delta(spark, location, options={"versionAsOf": "0"})
+
+    assert len(first.collect()) == 100

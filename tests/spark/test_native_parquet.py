@@ -21,6 +21,7 @@ from spark_kms.errors import (
     KeyNotFoundError,
     TableErasedError,
 )
+from spark_kms.keyring import KeyringStore
 from spark_kms.keyservice import KeyService
 from spark_kms.localwrap import unwrap_key_locally
 from tests.helpers.native import (
@@ -256,3 +257,29 @@ def test_bridge_rejects_unknown_kek(spark: SparkSession) -> None:
 
     with pytest.raises(Py4JJavaError, match="KEK 't.table.k1' is not loaded"):
         client.wrapKey(bytes(32), "t.table.k1")
+
+
+def test_parquet_job_recorded_like_kms_parquet(
+    spark: SparkSession,
+    flights: DataFrame,
+    key_service: KeyService,
+    table_name: str,
+    tmp_path: Path,
+) -> None:
+    location = str(tmp_path / "recorded")
+    spark_kms.write_parquet(flights, location, table=table_name, column_keys="pii: tailnum")
+    spark_kms.write_parquet(flights.limit(10), location, table=table_name, mode="overwrite")
+
+    records = sorted(KeyringStore(location).list_commit_records(), key=lambda r: r.committed_at)
+
+    assert [r.mode for r in records] == ["append", "overwrite"]
+    assert [len(r.files) for r in records] == [3, len(KeyringStore(location).list_data_files())]
+    assert [r.rows for r in records] == [flights.count(), 10]
+    assert records[0].column_keys == {"pii": ["tailnum"]}
+    assert {k.split(".")[1] for k in records[0].kek_ids} == {"pii", "table"}
+    assert set(records[1].kek_ids).isdisjoint(records[0].kek_ids)
+    # A kms_parquet read after the overwrite needs only the second job's KEK.
+    spark_kms.release_keys(spark, location)
+    back = spark_kms.read_table(spark, location)
+    with spark_kms.typed_errors():
+        assert back.count() == 10
