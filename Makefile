@@ -7,7 +7,7 @@ export PYSPARK_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: bootstrap demo test lint unit bench clean
+.PHONY: bootstrap demo test lint unit bench bench-profile clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -24,6 +24,16 @@ test: lint
 
 unit: bootstrap
 	$(PY) -m pytest -q tests/unit
+
+# The benchmark runs only when asked: it takes about half an hour on 2 cores
+# and its timings depend on the machine, so neither `make test` nor CI runs it.
+# `make bench BENCH_ARGS=--quick` checks the script in a few minutes.
+bench: bootstrap
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Where the time of a kms_parquet write and read goes; about 10 minutes.
+bench-profile: bootstrap
+	$(PY) scripts/bench_profile.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-output build *.egg-info
