@@ -133,7 +133,31 @@ def _typed_from_text(text: str) -> SparkKmsError | None:
     if isinstance(error, _errors.TableErasedError):
         table = re.search(r"table '([^']+)'", message)
         error.table = table.group(1) if table else ""
+    _restore_fields(error, message)
     return error
+
+
+# The fields of lifecycle errors, as their messages state them.
+_FIELD_PATTERNS: dict[type[SparkKmsError], re.Pattern[str]] = {
+    _errors.AccessDeniedError: re.compile(
+        r"principal '(?P<principal>[^']*)' may not perform '(?P<operation>[^']*)' on table "
+        r"'(?P<table>[^']*)'"
+    ),
+    _errors.TablePendingDeletionError: re.compile(
+        r"table '(?P<table>[^']*)' is scheduled for deletion on (?P<deletion_due_at>.+?), so"
+    ),
+    _errors.PartitionErasedError: re.compile(
+        r"partition (?P<partition>\S+) of table '(?P<table>[^']*)' was crypto-erased"
+    ),
+}
+
+
+def _restore_fields(error: SparkKmsError, message: str) -> None:
+    pattern = _FIELD_PATTERNS.get(type(error))
+    found = pattern.search(message) if pattern is not None else None
+    if found is not None:
+        for name, value in found.groupdict().items():
+            setattr(error, name, value)
 
 
 def _activate_in_this_thread(spark: SparkSession) -> None:

@@ -212,8 +212,10 @@ def test_write_to_erased_partition_rejected(
     files_before = data_files(location)
 
     again = customers(spark, 30, 1).withColumn("id", F.col("id") + 1000)
-    with pytest.raises(PartitionErasedError, match=f"partition customer_id=42 of table '{table_name}' was crypto-erased"):
+    with pytest.raises(PartitionErasedError, match=f"partition customer_id=42 of table '{table_name}' was crypto-erased") as caught:
         spark_kms.write_table(again, str(location), table=table_name)
+    assert caught.value.partition == "customer_id=42"
+    assert caught.value.table == table_name
 
     assert data_files(location) == files_before
     assert len(store.list_commit_records()) == commits_before
@@ -253,9 +255,11 @@ def test_pending_deletion_rejects_jobs(
     schedule = key_service.schedule_deletion(table_name, days=3)
     day = schedule.due_at[:10]
 
-    with pytest.raises(TablePendingDeletionError, match=f"scheduled for deletion on {day}.*spark-kms cancel-deletion {table_name}"):
+    with pytest.raises(TablePendingDeletionError, match=f"scheduled for deletion on {day}.*spark-kms cancel-deletion {table_name}") as caught:
         with spark_kms.typed_errors():
             spark_kms.read_table(spark, location).collect()
+    assert caught.value.table == table_name
+    assert caught.value.deletion_due_at.startswith(day)
     with pytest.raises(TablePendingDeletionError, match=f"scheduled for deletion on {day}"):
         spark_kms.write_table(source, location, table=table_name)
 
@@ -281,8 +285,11 @@ def test_policy_denies_spark_user(
 ) -> None:
     user = spark.sparkContext.sparkUser()
     location = tmp_path / "t"
-    with pytest.raises(AccessDeniedError, match=f"principal '{user}' may not perform 'encrypt' on table '{table_name}'"):
+    with pytest.raises(AccessDeniedError, match=f"principal '{user}' may not perform 'encrypt' on table '{table_name}'") as caught:
         spark_kms.write_table(customers(spark, 10, 1), str(location), table=table_name)
+    assert caught.value.principal == user
+    assert caught.value.operation == "encrypt"
+    assert caught.value.table == table_name
     assert not location.exists()
     assert key_service.registry.get(table_name) is None
 
