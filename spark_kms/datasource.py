@@ -43,7 +43,7 @@ from pyspark.sql.types import StructType
 
 from spark_kms.errors import CommitError, IntegrityError, InvalidOptionError, SparkKmsError
 from spark_kms.jobkeys import JobKeys
-from spark_kms.keyring import CommitRecord, KeyringStore, resolve_location
+from spark_kms.keyring import CommitRecord, KeyringStore, TableMetadata, resolve_location
 from spark_kms.keyservice import KeyService
 from spark_kms.options import TABLE_GROUP, WriteOptions, parse_write_options
 from spark_kms.parquet_crypto import (
@@ -452,8 +452,8 @@ class KmsParquetWriter(DataSourceArrowWriter):
             )
 
         # 2. Under the table lock, so that no rotation, erasure or rekey
-        #    interleaves: the table may have been erased or scheduled for
-        #    deletion while the tasks ran; a partitioned job wraps its KEKs now.
+        #    interleaves. The table may have been erased or scheduled for
+        #    deletion while the tasks ran. A partitioned job wraps its KEKs now.
         with service.table_lock(self.table):
             try:
                 meta, _ = service.check_writable(self.table, self.location)
@@ -488,7 +488,7 @@ class KmsParquetWriter(DataSourceArrowWriter):
                 if old not in files:
                     _delete_quietly(filesystem, f"{self.location}/{old}")
 
-            def set_schema(current: Any) -> None:
+            def set_schema(current: TableMetadata) -> None:
                 current.spark_schema = self.spark_schema
 
             service.update_metadata(store, meta.table_id, set_schema)
@@ -511,7 +511,7 @@ class KmsParquetWriter(DataSourceArrowWriter):
         )
 
     def _persist_keks(
-        self, service: KeyService, meta: Any, store: KeyringStore, files: list[str]
+        self, service: KeyService, meta: TableMetadata, store: KeyringStore, files: list[str]
     ) -> list[str]:
         # Returns the KEK ids of the job. A partitioned job wraps the KEKs of
         # the partitions its files are in, each under its partition's master key.
