@@ -177,6 +177,14 @@ def _plan(
 ) -> tuple[list[RekeyTask], list[CommitRecord], int]:
     # Returns the tasks, the commit records whose files they replace, and the
     # number of files skipped because their partition is erased.
+    # Delta Lake's log names the data files, so renaming them would break the table.
+    delta_log = store.filesystem.get_file_info(f"{store.location}/_delta_log")
+    if delta_log.type != pafs.FileType.NotFound:
+        raise InvalidOptionError(
+            f"table '{meta.table}' is a Delta table (it has a _delta_log folder), and rekey "
+            "renames the files that Delta's log names; rewrite a Delta table with a new job "
+            "instead"
+        )
     erased = set(service.erased_partitions(store.location)) if meta.partition_by else set()
     files = store.list_data_files()
     live = [name for name in files if partition_of(name) not in erased]

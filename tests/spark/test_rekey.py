@@ -13,7 +13,12 @@ from pyspark.sql import functions as F
 
 import spark_kms
 from spark_kms import cli
-from spark_kms.errors import IntegrityError, PartitionsErasedWarning, TablePendingDeletionError
+from spark_kms.errors import (
+    IntegrityError,
+    InvalidOptionError,
+    PartitionsErasedWarning,
+    TablePendingDeletionError,
+)
 from spark_kms.keyring import KeyringStore
 from spark_kms.keyservice import KeyService
 from spark_kms.rekey import rekey_table
@@ -205,3 +210,17 @@ def test_rekey_rejects_unrecorded_files(
 
     assert {p: p.read_bytes() for p in data_files(location)} == before
     assert KeyringStore(str(location)).list_kek_ids() == records_before
+
+
+def test_rekey_rejects_delta_tables(
+    spark: SparkSession, key_service: KeyService, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "t"
+    spark_kms.write_table(orders(spark, 20, 1), str(location), table=table_name)
+    (location / "_delta_log").mkdir()
+    before = {p: p.read_bytes() for p in data_files(location)}
+
+    with pytest.raises(InvalidOptionError, match=f"table '{table_name}' is a Delta table"):
+        rekey_table(spark, table_name, service=key_service)
+
+    assert {p: p.read_bytes() for p in data_files(location)} == before
