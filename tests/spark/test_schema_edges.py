@@ -1,12 +1,19 @@
-"""Schema edge cases through kms_parquet: each round-trips with equal values or is rejected up front."""
+"""Schema edge cases on every write path: each round-trips with equal values or is rejected up front.
+
+The paths are the kms_parquet data source, Spark's own Parquet writer and
+Delta Lake through the JVM bridge.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
@@ -34,23 +41,61 @@ from spark_kms.errors import InvalidOptionError
 from tests.helpers.tables import data_files
 
 
+@dataclass(frozen=True)
+class WritePath:
+    """One way to write and read an encrypted table."""
+
+    name: str
+    write: Callable[..., None]
+    read: Callable[[SparkSession, str], DataFrame]
+
+
+KMS_PARQUET = WritePath("kms_parquet", spark_kms.write_table, spark_kms.read_table)
+PATHS = [
+    pytest.param(KMS_PARQUET, id="kms_parquet"),
+    pytest.param(
+        WritePath("parquet", spark_kms.write_parquet, spark_kms.read_parquet), id="native-parquet"
+    ),
+    pytest.param(WritePath("delta", spark_kms.write_delta, spark_kms.read_delta), id="delta"),
+]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest) -> WritePath:
+    """Each write path: the kms_parquet data source, Spark's Parquet writer, Delta Lake."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def encrypted_files(location: Path) -> list[Path]:
+    """Return every Parquet file of the table, Delta's own folders included."""
+    return sorted(p for p in location.rglob("*.parquet") if "_spark_kms" not in p.parts)
+
+
 def round_trip(
-    spark: SparkSession, df: DataFrame, location: Path, table: str, column_keys: str | None = None
+    spark: SparkSession,
+    df: DataFrame,
+    location: Path,
+    table: str,
+    column_keys: str | None = None,
+    path: WritePath = KMS_PARQUET,
 ) -> DataFrame:
-    spark_kms.write_table(df, str(location), table=table, column_keys=column_keys)
+    path.write(df, str(location), table=table, column_keys=column_keys)
     with spark_kms.typed_errors():
-        back = spark_kms.read_table(spark, str(location))
+        back = path.read(spark, str(location))
         expected, actual = df.collect(), back.collect()
     # Compared in Python: chispa sorts by columns, which fails on dotted names and maps.
     assert [(f.name, f.dataType) for f in back.schema] == [(f.name, f.dataType) for f in df.schema]
     assert sorted(expected, key=repr) == sorted(actual, key=repr)
-    for file in data_files(location):
+    files = encrypted_files(location)
+    assert files
+    for file in files:
         assert file.read_bytes()[:4] == b"PARE"
+        assert file.read_bytes()[-4:] == b"PARE"
     return back
 
 
 def test_names_with_dots_spaces_and_letters(
-    spark: SparkSession, table_name: str, tmp_path: Path
+    spark: SparkSession, table_name: str, tmp_path: Path, path: WritePath
 ) -> None:
     schema = StructType(
         [
@@ -62,8 +107,21 @@ def test_names_with_dots_spaces_and_letters(
         ]
     )
     df = spark.createDataFrame([(1, "x y", 1.5, "東京", 7), (2, None, None, None, None)], schema)
+    if path.name == "delta":
+        # Delta Lake rejects spaces, ',;{}()=', tabs and newlines in names unless
+        # column mapping is on, before any file is written.
+        location = tmp_path / "spaced"
+        with pytest.raises(AnalysisException, match="INVALID_CHARACTERS_IN_COLUMN_NAMES"):
+            path.write(df, str(location), table=table_name)
+        assert encrypted_files(location) == []
+        df = df.withColumnRenamed("with space", "with_underscore")
+        back = round_trip(
+            spark, df, tmp_path / "t", f"{table_name}_2", column_keys="pii: 名前, größe", path=path
+        )
+        assert back.columns == ["a.b", "with_underscore", "größe", "名前", "émigré"]
+        return
     back = round_trip(
-        spark, df, tmp_path / "t", table_name, column_keys="pii: with space, 名前, größe"
+        spark, df, tmp_path / "t", table_name, column_keys="pii: with space, 名前, größe", path=path
     )
     assert back.columns == ["a.b", "with space", "größe", "名前", "émigré"]
     assert back.filter(F.col("`a.b`") == 2).count() == 1
@@ -79,7 +137,7 @@ def test_dotted_name_under_column_key_rejected(
 
 
 def test_nested_types_under_column_key(
-    spark: SparkSession, table_name: str, tmp_path: Path
+    spark: SparkSession, table_name: str, tmp_path: Path, path: WritePath
 ) -> None:
     schema = StructType(
         [
@@ -116,6 +174,7 @@ def test_nested_types_under_column_key(
         tmp_path / "t",
         table_name,
         column_keys="pii: person, tags, scores; more: matrix, events",
+        path=path,
     )
 
 
@@ -133,10 +192,12 @@ def test_empty_dataframe(spark: SparkSession, table_name: str, tmp_path: Path) -
     assert [tuple(r) for r in spark_kms.read_table(spark, str(location)).collect()] == [(1, "a")]
 
 
-def test_all_null_columns(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
+def test_all_null_columns(
+    spark: SparkSession, table_name: str, tmp_path: Path, path: WritePath
+) -> None:
     schema = "id long, s string, d decimal(10,2), t timestamp, b binary, l array<int>"
     df = spark.createDataFrame([(i, None, None, None, None, None) for i in range(5)], schema)
-    round_trip(spark, df, tmp_path / "t", table_name, column_keys="pii: s, b")
+    round_trip(spark, df, tmp_path / "t", table_name, column_keys="pii: s, b", path=path)
 
 
 def test_null_type_column(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
@@ -153,7 +214,9 @@ def test_null_type_column(spark: SparkSession, table_name: str, tmp_path: Path) 
     assert [tuple(r) for r in back.orderBy("id").collect()] == [(0, None), (1, None), (2, None)]
 
 
-def test_very_wide_rows(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
+def test_very_wide_rows(
+    spark: SparkSession, table_name: str, tmp_path: Path, path: WritePath
+) -> None:
     width = 400
     df = spark.range(20, numPartitions=2).select(
         "id",
@@ -162,7 +225,7 @@ def test_very_wide_rows(spark: SparkSession, table_name: str, tmp_path: Path) ->
     groups = "; ".join(
         f"g{group}: " + ", ".join(f"c{n}" for n in range(group, width, 4)) for group in range(4)
     )
-    round_trip(spark, df, tmp_path / "t", table_name, column_keys=groups)
+    round_trip(spark, df, tmp_path / "t", table_name, column_keys=groups, path=path)
 
 
 def test_long_values(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
@@ -171,7 +234,7 @@ def test_long_values(spark: SparkSession, table_name: str, tmp_path: Path) -> No
 
 
 def test_decimal_timestamp_binary_types(
-    spark: SparkSession, table_name: str, tmp_path: Path
+    spark: SparkSession, table_name: str, tmp_path: Path, path: WritePath
 ) -> None:
     schema = StructType(
         [
@@ -219,7 +282,7 @@ def test_decimal_timestamp_binary_types(
         (None,) * 11,
     ]
     df = spark.createDataFrame(rows, schema)
-    round_trip(spark, df, tmp_path / "t", table_name, column_keys="pii: d38, ts, raw")
+    round_trip(spark, df, tmp_path / "t", table_name, column_keys="pii: d38, ts, raw", path=path)
 
 
 def test_nan_values(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
