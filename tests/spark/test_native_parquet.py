@@ -283,3 +283,18 @@ def test_parquet_job_recorded_like_kms_parquet(
     back = spark_kms.read_table(spark, location)
     with spark_kms.typed_errors():
         assert back.count() == 10
+
+
+def test_plaintext_file_in_table_rejected(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "slipped"
+    spark_kms.write_parquet(flights.limit(10), str(location), table=table_name)
+    # A plaintext file put into the table folder behind spark_kms's back.
+    outside = tmp_path / "outside"
+    flights.limit(10).coalesce(1).write.parquet(str(outside))
+    plain = parquet_files(outside)[0]
+    (location / plain.name).write_bytes(plain.read_bytes())
+
+    with pytest.raises(Exception, match="plaintext file"):
+        spark_kms.read_parquet(spark, str(location)).collect()
