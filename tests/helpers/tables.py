@@ -55,7 +55,9 @@ def footer_range(path: Path) -> tuple[int, int]:
 def key_material_range(path: Path) -> tuple[int, int]:
     """Return the offset and length of the footer key material JSON in ``path``."""
     data = path.read_bytes()
-    start = data.index(b'{"keyMaterialType"', footer_range(path)[0])
+    # parquet-mr and pyarrow order the JSON fields differently.
+    marker = data.index(b'"keyMaterialType"', footer_range(path)[0])
+    start = data.rindex(b"{", 0, marker)
     end = data.index(b"}", start) + 1
     json.loads(data[start:end])
     return start, end - start
