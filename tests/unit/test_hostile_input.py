@@ -93,9 +93,9 @@ json_values = st.recursive(
 )
 
 
-def records_like(valid: dict[str, Any]) -> st.SearchStrategy[str]:
-    """JSON texts near ``valid``: fields dropped, retyped or added, and raw text."""
-    mutated = st.fixed_dictionaries(
+def dicts_like(valid: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """Objects near ``valid``: fields dropped, given other JSON values, or added."""
+    return st.fixed_dictionaries(
         {},
         optional={key: st.just(value) | json_values for key, value in valid.items()},
     ).flatmap(
@@ -103,6 +103,11 @@ def records_like(valid: dict[str, Any]) -> st.SearchStrategy[str]:
             lambda extra: {**extra, **base}
         )
     )
+
+
+def records_like(valid: dict[str, Any]) -> st.SearchStrategy[str]:
+    """JSON texts near ``valid``, other JSON values and raw text."""
+    mutated = dicts_like(valid)
     return st.one_of(
         mutated.map(json.dumps),
         json_values.map(json.dumps),
@@ -377,3 +382,78 @@ def test_records_survive_dump_and_parse(record: dict[str, Any]) -> None:
     }
     parsed = parsers[id(record)].from_json(json.dumps(record), "x")
     assert {k: v for k, v in asdict(parsed).items() if k in record} == record
+
+
+POLICY_RULE = {
+    "principals": ["alice"],
+    "tables": ["flights"],
+    "operations": ["encrypt", "decrypt"],
+    "description": "readers",
+}
+
+
+@FUZZ
+@given(
+    records_like({"rules": [POLICY_RULE]})
+    | st.lists(dicts_like(POLICY_RULE), max_size=2).map(lambda rules: json.dumps({"rules": rules}))
+)
+@example(json.dumps({"rules": [POLICY_RULE]}))
+def test_policy_parser(text: str) -> None:
+    from spark_kms.policy import PolicyRule, parse_policy
+
+    rules = accepts_or_raises_typed(lambda: parse_policy(text, "policy.json"))
+    if rules is not None:
+        assert all(isinstance(rule, PolicyRule) for rule in rules)
+
+
+@FUZZ
+@given(st.text(max_size=40) | st.integers(-10, 5000).map(str))
+def test_rotation_period_parser(text: str) -> None:
+    from spark_kms.settings import parse_rotation_period
+
+    days = accepts_or_raises_typed(lambda: parse_rotation_period(text, "kms.rotation_period_days"))
+    assert days is None or 0 <= days <= 3650
+
+
+@FUZZ
+@given(st.text(max_size=60))
+def test_partition_spec_parser(text: str) -> None:
+    from spark_kms.partitioning import parse_partition_spec
+
+    parsed = accepts_or_raises_typed(lambda: parse_partition_spec(text))
+    if parsed is not None:
+        assert parsed[0] and parsed[0] == parsed[0].strip()
+
+
+@FUZZ
+@given(
+    st.none() | st.text(max_size=40),
+    st.sampled_from(["int64", "int32", "bool", "date32", "string"]),
+)
+def test_partition_value_parser(text: str | None, type_name: str) -> None:
+    import pyarrow as pa
+
+    from spark_kms.partitioning import parse_value
+
+    data_type = {
+        "int64": pa.int64(),
+        "int32": pa.int32(),
+        "bool": pa.bool_(),
+        "date32": pa.date32(),
+        "string": pa.string(),
+    }[type_name]
+    accepts_or_raises_typed(lambda: parse_value(text, data_type))
+
+
+@FUZZ
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["kms.table", "kms.column_keys", "kms.partition_by", "kms.rotation_period_days"]
+        ),
+        st.text(max_size=30) | st.sampled_from(["t1", "pii: a", "day", "30", "-1", "x" * 70]),
+        max_size=4,
+    )
+)
+def test_write_options_with_lifecycle_keys(options: dict[str, str]) -> None:
+    accepts_or_raises_typed(lambda: parse_write_options(options))
