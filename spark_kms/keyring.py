@@ -297,7 +297,7 @@ class KeyringStore:
         return f"{self.location}/{STAGING_DIR}"
 
     def exists(self) -> bool:
-        """Tell whether the location holds a spark_kms table."""
+        """Tell whether the location contains a spark_kms table."""
         return self._is_file(f"{self.keyring}/table.json")
 
     def read_metadata(self) -> TableMetadata | None:
@@ -344,7 +344,7 @@ class KeyringStore:
         record = KekRecord.from_json(text, path)
         if record.kek_id != kek_id:
             raise IntegrityError(
-                f"{path} holds the record of KEK {record.kek_id!r}, not {kek_id!r}"
+                f"{path} contains the record of KEK {record.kek_id!r}, not {kek_id!r}"
             )
         return record
 

@@ -5,7 +5,7 @@ the session builder, and the properties file the ``spark-kms`` command line
 reads (``--conf-file`` or the ``SPARK_KMS_CONF`` environment variable).
 
 A PIN never appears here: the settings name the 0600 file or the environment
-variable that holds it, and :mod:`spark_kms.hsm` reads it at login.
+variable that contains it, and :mod:`spark_kms.hsm` reads it at login.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ MAX_ROTATION_PERIOD_DAYS = 3650
 
 @dataclass(frozen=True)
 class KmsSettings:
-    """Where the HSM, the table registry and the audit log are.
+    """Locations of the HSM, the table registry and the audit log.
 
     :param module_path: PKCS#11 module (``spark.kms.hsm.module``), required.
     :param token_label: token label (``spark.kms.hsm.token``), required.
