@@ -1,8 +1,11 @@
-"""Jobs started at once from several threads of one driver, on one table and on many."""
+"""Jobs started at once from several threads of one driver, or from two drivers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 import spark_kms
 from spark_kms.keyring import KeyringStore
 from spark_kms.keyservice import KeyService
+from spark_kms.settings import KmsSettings
 from spark_kms.verify import verify_location
 from tests.helpers.tables import data_files, staged_files
 
@@ -116,3 +120,60 @@ def test_filtered_then_full_read_from_threads(
     assert errors == []
     assert counts == {"small": 10, "all": 200, "large": 50}
     assert df.count() == 200
+
+
+def test_two_drivers_append_at_once(
+    spark: SparkSession,
+    key_service: KeyService,
+    kms_settings: KmsSettings,
+    table_name: str,
+    tmp_path: Path,
+) -> None:
+    location = tmp_path / "t"
+    spark_kms.write_table(sample(spark, 0, 100), str(location), table=table_name)
+    properties = tmp_path / "spark-kms.conf"
+    properties.write_text("".join(f"{k} {v}\n" for k, v in kms_settings.to_properties().items()))
+    go = tmp_path / "go"
+    root = Path(__file__).resolve().parents[2]
+
+    drivers = []
+    for start in (1000, 2000):
+        log = open(tmp_path / f"driver-{start}.log", "w")  # noqa: SIM115 (closed below)
+        drivers.append(
+            (
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.helpers.append_job",
+                        str(properties),
+                        str(location),
+                        table_name,
+                        str(start),
+                        "100",
+                        str(go),
+                    ],
+                    cwd=root,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    deadline = time.monotonic() + 180
+    logs = [tmp_path / f"driver-{start}.log" for start in (1000, 2000)]
+    while not all("ready" in p.read_text() for p in logs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    go.touch()
+    codes = [driver.wait(timeout=300) for driver, _log in drivers]
+    for _driver, log in drivers:
+        log.close()
+
+    assert codes == [0, 0], [p.read_text()[-2000:] for p in logs]
+    ids = sorted(r.id for r in spark_kms.read_table(spark, str(location)).collect())
+    assert ids == [*range(100), *range(1000, 1100), *range(2000, 2100)]
+    store = KeyringStore(str(location))
+    assert len(store.list_kek_ids()) == 3
+    assert len(store.list_commit_records()) == 3
+    assert staged_files(location) == []
+    assert verify_location(key_service, str(location)).problems == []
