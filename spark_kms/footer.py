@@ -157,8 +157,8 @@ class _CompactReader:
         self.source = source
         self.position = 0
 
-    def _fail(self, what: str) -> IntegrityError:
-        return IntegrityError(f"{self.source}: malformed file crypto metadata ({what})")
+    def _fail(self, reason: str) -> IntegrityError:
+        return IntegrityError(f"{self.source}: malformed file crypto metadata ({reason})")
 
     def byte(self) -> int:
         if self.position >= len(self.data):

@@ -114,13 +114,13 @@ def _roll_forward(
 
     # An overwrite replaces every file committed before it.
     # NOTE: a file that no commit record names is left in place.
-    kept = set(record.files)
+    replacing = set(record.files)
     present = set(store.list_data_files())
     for earlier in records:
         if (earlier.committed_at, earlier.job_id) >= (record.committed_at, record.job_id):
             continue
         for name in earlier.files:
-            if name in present and name not in kept:
+            if name in present and name not in replacing:
                 filesystem.delete_file(f"{store.location}/{name}")
 
 
