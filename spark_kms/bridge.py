@@ -82,7 +82,7 @@ _WRITE_PROPERTIES = (WRITE_TABLE_ID, FOOTER_KEY, COLUMN_KEYS, DELTA_LOG_KEY, OUT
 # Serializes changes of the key properties; a session's SQL configuration is
 # shared by all threads that use the session.
 _LOCK = threading.RLock()
-# py4j logs every command it sends and every answer at DEBUG, with arguments.
+# py4j logs every command it sends and every reply at DEBUG, with their arguments.
 _PY4J_LOGGERS = ("py4j.clientserver", "py4j.java_gateway")
 
 

@@ -2,12 +2,13 @@
 
 Delta keeps per-file statistics (minimum, maximum, null count) of the first 32
 columns in ``_delta_log``, in plaintext. Every spark_kms Delta table is created
-with :data:`TABLE_PROPERTIES` (given as options of its first write, because
-Delta creates no table in a folder that contains the keyring), which turn them
-off, so ``_delta_log`` keeps only row counts; the bridge's log store also redacts the predicates Delta records
-for DELETE, UPDATE and MERGE. The table's column-key layout is stored as the
-table property ``spark_kms.column_keys``, so later writes and DELETE, UPDATE,
-MERGE and OPTIMIZE encrypt the same columns under the same key groups.
+with :data:`TABLE_PROPERTIES`, which turn them off, so ``_delta_log`` keeps only
+row counts. They are options of the table's first write, because Delta creates
+no table in a folder that already contains the keyring. The bridge's log store
+also redacts the predicates Delta records for DELETE, UPDATE and MERGE. The
+table's column-key layout is stored as the table property
+``spark_kms.column_keys``, so later writes and DELETE, UPDATE, MERGE and
+OPTIMIZE encrypt the same columns under the same key groups.
 
 Delta's checkpoints (Parquet files in ``_delta_log``) are encrypted too, under a
 KEK of the key group ``delta_log`` that lives as long as the table, so a write

@@ -283,11 +283,11 @@ def table_keys(
             DeltaTable.forPath(spark, path).delete("month = 1")
             spark.sql(f"OPTIMIZE delta.`{path}`")
 
-    Every KEK of the table is unwrapped on entry (except those already loaded
-    in the session), and with ``table`` one KEK per key group is minted for
-    the block's writes; for a Delta table the files the block adds are
-    recorded with those KEKs on exit. Errors that Spark reports from the JVM are raised as
-    the spark_kms errors they carry.
+    Every KEK of the table is unwrapped on entry, except those already loaded
+    in the session. With ``table``, one KEK per key group is minted for the
+    block's writes, and for a Delta table the files the block adds are
+    recorded with those KEKs on exit. Errors that Spark reports from the JVM
+    are raised as the spark_kms errors they carry.
 
     :param table: the table's name, to write; without it the block only reads.
     :param column_keys: ``group: column, column; group2: column``. For a Delta
@@ -390,8 +390,8 @@ def write_parquet(
     :param column_keys: ``group: column, column; group2: column``; every other
         column and the footer are under the table's KEK.
     :param mode: ``append`` or ``overwrite``. Overwrite writes the new files,
-        then deletes the old ones, so that the table's keyring survives (Spark's
-        own overwrite would delete it); a reader in between reads both.
+        then deletes the old ones, so that the table's keyring survives, which
+        Spark's own overwrite would delete. A reader in between reads both.
     :raises InvalidOptionError: for an invalid mode or column key, a schema
         that differs from the table's on append, or a Delta table at ``path``.
     :raises TableErasedError: if the table was erased.

@@ -255,7 +255,7 @@ def test_bridge_rejects_unknown_kek(spark: SparkSession) -> None:
     client = jvm.spark_kms.bridge.JobKmsClient()
     client.initialize(jvm.org.apache.hadoop.conf.Configuration(False), "none", "", "")
 
-    with pytest.raises(Py4JJavaError, match="KEK 't.table.k1' is not loaded"):
+    with pytest.raises(Py4JJavaError, match="KEK 't.table.k1', which is not loaded"):
         client.wrapKey(bytes(32), "t.table.k1")
 
 

@@ -57,9 +57,9 @@ public final class JobKmsClient implements KmsClient {
       throw new KeyAccessDeniedException(
           Messages.error(
               "KeyNotFoundError",
-              "KEK '"
+              "the file is encrypted under KEK '"
                   + kekId
-                  + "' is not loaded in this Spark session; read the table with"
+                  + "', which is not loaded in this Spark session; read the table with"
                   + " spark_kms.read_parquet or spark_kms.read_delta, or inside"
                   + " spark_kms.table_keys, which unwrap its KEKs first"));
     }
