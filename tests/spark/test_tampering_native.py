@@ -88,3 +88,17 @@ def test_native_wrapped_dek_flip(
 
     assert_read_fails_naming(spark, written, victim.name)
     assert [p.name for p in verify_location(key_service, str(written)).problems] == [victim.name]
+
+
+def test_native_plaintext_file_planted(
+    spark: SparkSession, key_service: KeyService, written: Path
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    planted = written / "part-99999-planted.parquet"
+    pq.write_table(pa.table({"id": [1], "tailnum": ["x"], "double_id": [2]}), planted)
+
+    assert_read_fails_naming(spark, written, planted.name)
+    problems = verify_location(key_service, str(written)).problems
+    assert [p.name for p in problems] == [planted.name]
