@@ -75,6 +75,34 @@ def main(scenario: str, properties: str, token_dir: str, location: str, table: s
             results["remaining"] = report[0].remaining_objects
         results["master_key_label"] = meta.master_key_label
 
+    elif scenario == "spark_unreachable":
+        from pyspark.sql import SparkSession
+
+        import spark_kms
+        from spark_kms.keyring import KeyringStore
+
+        spark = (
+            SparkSession.builder.master("local[1]")
+            .config("spark.ui.enabled", "false")
+            .getOrCreate()
+        )
+        spark_kms.configure(spark, settings)
+        df = spark.range(0, 20, numPartitions=2).selectExpr("id", "concat('N', id) AS tailnum")
+        spark_kms.write_table(df, location, table=table)
+        store = KeyringStore(location)
+        before = (store.list_data_files(), [r.job_id for r in store.list_commit_records()])
+        shutil.rmtree(token_dir)
+        results["write"] = outcome(lambda: spark_kms.write_table(df, location, table=table))
+        def read() -> None:
+            with spark_kms.typed_errors():
+                spark_kms.read_table(spark, location).collect()
+
+        results["read"] = outcome(read)
+        after = (store.list_data_files(), [r.job_id for r in store.list_commit_records()])
+        results["unchanged"] = before == after
+        results["files"] = len(after[0])
+        spark.stop()
+
     elif scenario == "count":
         results["count"] = service.hsm.count_keys(table, fresh_session=True)
 

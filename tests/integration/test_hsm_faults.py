@@ -144,6 +144,15 @@ def test_token_gone_mid_session(token_copy: TokenCopy, table_name: str) -> None:
     assert len(result["kek_records"]) == 1  # type: ignore[arg-type]
 
 
+def test_token_gone_before_spark_write(token_copy: TokenCopy, table_name: str) -> None:
+    result = token_copy.run("spark_unreachable", table_name)
+    assert str(result["write"]).startswith(HSM_ERROR)
+    assert str(result["read"]).startswith(HSM_ERROR)
+    # Nothing of the failed write was committed.
+    assert result["unchanged"] is True
+    assert result["files"] == 2
+
+
 def test_failed_destroy_reported_and_retried(token_copy: TokenCopy, table_name: str) -> None:
     probe = subprocess.run(["chattr", "+i", str(token_copy.folder)], capture_output=True, text=True)
     if probe.returncode != 0:
