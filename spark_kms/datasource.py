@@ -27,11 +27,12 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 from pyspark.sql.datasource import (
     DataSource,
     DataSourceArrowWriter,
@@ -169,6 +170,7 @@ class KmsParquetDataSource(DataSource):
         if options.partition_by:
             _check_partition_column(arrow_schema, options.partition_by, options.column_keys)
 
+        _check_not_delta(location)
         service = self._key_service()
         meta, store = service.open_table_for_write(
             options.table,
@@ -177,8 +179,14 @@ class KmsParquetDataSource(DataSource):
             rotation_period_days=options.rotation_period_days,
         )
         _clean_stale_staging(store)
-        if not overwrite and meta.spark_schema and store.list_data_files():
-            _check_append_schema(meta.table, meta.spark_schema, schema)
+        if not overwrite and store.list_data_files():
+            if meta.spark_schema:
+                _check_append_schema(meta.table, meta.spark_schema, schema)
+            options = _append_column_keys(meta.table, options, store)
+            grouped_columns = {
+                group: resolve_column_paths(arrow_schema, columns)
+                for group, columns in options.column_keys.items()
+            }
 
         job_id = uuid.uuid4().hex[:16]
         if meta.partition_by:
@@ -314,6 +322,38 @@ def _clean_stale_staging(store: KeyringStore) -> None:
         clean_stale_staging(store)
     except (OSError, SparkKmsError) as error:
         log.warning("could not clean stale staging folders of %s: %s", store.location, error)
+
+
+def _check_not_delta(location: str) -> None:
+    filesystem, path = resolve_location(location)
+    if filesystem.get_file_info(f"{path}/_delta_log").type == pafs.FileType.Directory:
+        raise InvalidOptionError(
+            f"{path} contains a Delta table; write it with spark_kms.write_delta, because a "
+            "kms_parquet write would replace files that Delta's log still names"
+        )
+
+
+def _append_column_keys(table: str, options: WriteOptions, store: KeyringStore) -> WriteOptions:
+    # An append keeps the column-key layout of the table's last write, so that
+    # columns under a column key never move under the table key. Without the
+    # option, the stored layout is used.
+    stored = next(
+        (r.column_keys for r in reversed(store.list_commit_records()) if r.column_keys is not None),
+        None,
+    )
+    if stored is None:
+        return options
+    if not options.column_keys:
+        return replace(options, column_keys={g: list(c) for g, c in stored.items()})
+    normalized = {g: sorted(c) for g, c in options.column_keys.items()}
+    if normalized != {g: sorted(c) for g, c in stored.items()}:
+        layout = "; ".join(f"{g}: {', '.join(c)}" for g, c in stored.items()) or "(none)"
+        raise InvalidOptionError(
+            f"cannot append to table '{table}' with other column keys: its files keep "
+            f"kms.column_keys '{layout}'; pass the same column keys, leave the option out to "
+            "use the table's, or rewrite the table with mode('overwrite')"
+        )
+    return options
 
 
 def _to_arrow_schema(schema: StructType) -> pa.Schema:
@@ -470,6 +510,7 @@ class KmsParquetWriter(DataSourceArrowWriter):
 
             # 3. Record the job, then move its files into place.
             previous = store.list_data_files() if self.overwrite else []
+            replaced = [old for old in previous if old not in files]
             record = CommitRecord(
                 job_id=self.job_id,
                 committed_at=_utc_now(),
@@ -478,15 +519,25 @@ class KmsParquetWriter(DataSourceArrowWriter):
                 kek_ids=kek_ids,
                 rows=rows,
                 column_keys=self.column_keys,
+                replaced=replaced,
             )
             store.put_commit_record(record)
             for name in files:
                 if "/" in name:
                     filesystem.create_dir(f"{self.location}/{name.rsplit('/', 1)[0]}")
                 filesystem.move(f"{self.staging}/{name}", f"{self.location}/{name}")
-            for old in previous:
-                if old not in files:
+            for old in replaced:
+                try:
                     _delete_quietly(filesystem, f"{self.location}/{old}")
+                except OSError as error:
+                    # The commit record lists the file as replaced, so reads skip it.
+                    log.warning(
+                        "job %s replaced %s of table %s but could not delete it: %s",
+                        self.job_id,
+                        old,
+                        self.table,
+                        error,
+                    )
 
             def set_schema(current: TableMetadata) -> None:
                 current.spark_schema = self.spark_schema
@@ -595,14 +646,19 @@ class KmsParquetReader(DataSourceReader):
     def partitions(self) -> Sequence[InputPartition]:
         service = _service(self.properties, self.context)
         meta, store = service.open_table_for_read(self.location)
-        files = self._skip_erased_partitions(service, store.list_data_files())
+        records = store.list_commit_records()
+        # A file that an overwrite replaced is no longer part of the table,
+        # even when deleting it failed.
+        replaced = {name for record in records for name in record.replaced}
+        listed = [name for name in store.list_data_files() if name not in replaced]
+        files = self._skip_erased_partitions(service, listed)
         if not files:
             return [KmsFilePartition("", JobKeys({}))]
 
         # Each file needs the KEKs of the job that wrote it; a file no commit
         # record names (written by another path) may need any KEK of the table.
         by_file: dict[str, list[str]] = {}
-        for record in store.list_commit_records():
+        for record in records:
             for name in record.files:
                 by_file[name] = self._partition_keks(name, record.kek_ids)
         unknown = [name for name in files if name not in by_file]

@@ -199,7 +199,9 @@ class CommitRecord:
     """The files one committed write job added, and the KEKs they depend on.
 
     ``column_keys`` maps each column key group of the job to its columns; it is
-    ``None`` in records written before it was stored.
+    ``None`` in records written before it was stored. ``replaced`` lists the
+    files an overwrite replaced: they are no longer part of the table, even if
+    deleting one of them failed.
     """
 
     job_id: str
@@ -211,6 +213,7 @@ class CommitRecord:
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     column_keys: dict[str, list[str]] | None = None
+    replaced: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, text: str, source: str) -> CommitRecord:
@@ -232,6 +235,7 @@ class CommitRecord:
             rows=_field(data, "rows", int, source),
             format_version=_field(data, "format_version", int, source),
             column_keys=_column_keys(data, source),
+            replaced=_replaced_files(data, source),
         )
 
 
@@ -462,6 +466,13 @@ def _dump(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
+def _replaced_files(data: dict[str, Any], source: str) -> list[str]:
+    replaced = data.get("replaced", [])
+    if not isinstance(replaced, list) or not all(isinstance(x, str) for x in replaced):
+        raise IntegrityError(f"{source} has a 'replaced' field that is not a list of file names")
+    return replaced
+
+
 def _parse_object(text: str, source: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
@@ -479,9 +490,7 @@ def _delete_if_present(filesystem: pafs.FileSystem, path: str) -> None:
         pass
 
 
-def _optional(
-    data: dict[str, Any], name: str, kind: type, source: str, default: Any = None
-) -> Any:
+def _optional(data: dict[str, Any], name: str, kind: type, source: str, default: Any = None) -> Any:
     # A field added after the first format version: absent in older files.
     if data.get(name) is None:
         return default

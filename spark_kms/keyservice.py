@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NoReturn
 
+import pyarrow.fs as pafs
+
 from spark_kms import erasure, rotation
 from spark_kms.audit import AuditLog, current_principal, parse_time
 from spark_kms.erasure import (
@@ -63,6 +65,7 @@ from spark_kms.keylabels import (
 from spark_kms.keyring import (
     ACTIVE,
     ERASED,
+    KEYRING_DIR,
     PENDING_DELETION,
     KekRecord,
     KeyringStore,
@@ -387,7 +390,9 @@ class KeyService:
                 current.partition_by = partition_by
 
             return self.update_metadata(store, meta.table_id, set_partition)
-        current = f"partitioned by '{meta.partition_by}'" if meta.partition_by else "not partitioned"
+        current = (
+            f"partitioned by '{meta.partition_by}'" if meta.partition_by else "not partitioned"
+        )
         raise InvalidOptionError(
             f"table '{meta.table}' is {current}, so it cannot be written with "
             f"kms.partition_by '{partition_by}'; drop the option or write to a new table"
@@ -403,6 +408,7 @@ class KeyService:
         period = self.settings.rotation_period_days
         if rotation_period_days is not None:
             period = parse_rotation_period(str(rotation_period_days), "kms.rotation_period_days")
+        _check_new_location(table, store)
         table_id = uuid.uuid4().hex
         label = master_key_label(table, table_id, 1)
         self.hsm.generate_master_key(label)
@@ -554,7 +560,9 @@ class KeyService:
                 return False
             if entry is None or due_time > self.clock():
                 return False
-            log.warning("table %s: its scheduled deletion was due on %s; erasing it", meta.table, due)
+            log.warning(
+                "table %s: its scheduled deletion was due on %s; erasing it", meta.table, due
+            )
             self.erase_table(meta.table, trigger=SCHEDULED)
             return True
         if meta.state != ACTIVE or not rotation.needs_rotation(meta, self.clock()):
@@ -562,7 +570,11 @@ class KeyService:
         try:
             report = rotation.rotate_store(self, store, trigger=SCHEDULED, blocking=False)
         except SparkKmsError as error:
-            log.warning("table %s: due master-key rotation failed, retried at next use: %s", meta.table, error)
+            log.warning(
+                "table %s: due master-key rotation failed, retried at next use: %s",
+                meta.table,
+                error,
+            )
             return False
         return report is not None
 
@@ -843,7 +855,9 @@ class KeyService:
             partition = store.get_partition_record(record.partition_id)
             folder = partition.folder if partition is not None else record.partition_id
             raise PartitionErasedError(
-                meta.table, folder, f"master key {record.master_key_label} is missing from the token"
+                meta.table,
+                folder,
+                f"master key {record.master_key_label} is missing from the token",
             ) from None
         raise TableErasedError(
             meta.table, f"master key {record.master_key_label} is missing from the token"
@@ -1007,7 +1021,6 @@ class KeyService:
         """
         return erasure.erase_partition(self, table, partition)
 
-
     def erased_partitions(self, location: str) -> list[str]:
         """Return the folders of the erased partitions of the table at ``location``."""
         store = KeyringStore(location)
@@ -1074,3 +1087,36 @@ def _deletion_due(meta: TableMetadata, entry: RegistryEntry | None) -> str | Non
         return meta.deletion_due_at or ""
     return None
 
+
+def _check_new_location(table: str, store: KeyringStore) -> None:
+    """Raise unless ``store``'s location can hold a new table.
+
+    A new table must not start in a folder of plaintext Parquet files, nor
+    inside or above another table, whose reads would then meet files under
+    keys they were not given.
+    """
+    filesystem = store.filesystem
+    parent = store.location
+    while "/" in parent.strip("/"):
+        parent = parent.rsplit("/", 1)[0] or "/"
+        marker = f"{parent.rstrip('/')}/{KEYRING_DIR}/table.json"
+        if filesystem.get_file_info(marker).type == pafs.FileType.File:
+            raise InvalidOptionError(
+                f"cannot create table '{table}' at {store.location}: it is inside the table "
+                f"at {parent}; choose a location outside other tables"
+            )
+    selector = pafs.FileSelector(store.location, recursive=True, allow_not_found=True)
+    for info in filesystem.get_file_info(selector):
+        if info.path.endswith(f"/{KEYRING_DIR}/table.json"):
+            inner = info.path[: -len(f"/{KEYRING_DIR}/table.json")]
+            raise InvalidOptionError(
+                f"cannot create table '{table}' at {store.location}: the folder contains the "
+                f"table at {inner}; choose a location outside other tables"
+            )
+    existing = store.list_data_files()
+    if existing:
+        raise InvalidOptionError(
+            f"cannot create table '{table}' at {store.location}: the folder already contains "
+            f"{len(existing)} Parquet file(s) that are not part of a spark_kms table "
+            f"(for example {existing[0]}); write the table to an empty folder"
+        )
