@@ -26,6 +26,7 @@ log of its own under the work folder, so it leaves the demo's tables alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -334,7 +335,9 @@ def run_comparison(
                 mark = service.audit.count()
                 reset_jvm_heap_peak(spark)
                 cpu_before = cpu_seconds()
-                with sampler.measure(label):
+                # Warm-up rounds start Spark's Python workers, whose memory
+                # belongs to no variant, so only measured rounds are sampled.
+                with sampler.measure(label) if not warmup else contextlib.nullcontext():
                     started = time.perf_counter()
                     if step == "write":
                         variant.write(source, path)

@@ -21,6 +21,7 @@ TARGETS = [
     ("read_full_scan", "native_encrypted", 1.06),
 ]
 
+VARIANT_ORDER = ["native", "arrow_plain", "kms", "native_encrypted", "arrow_discard"]
 STEP_TITLES = {
     "write": "write",
     "read_full_scan": "read, full scan",
@@ -79,7 +80,7 @@ def markdown(results: dict[str, Any]) -> str:
         "with the range of per-round ratios in brackets.",
         "",
     ]
-    summary = results["comparison"]["summary"]
+    summary = _ordered(results["comparison"]["summary"])
     for step, by_variant in summary.items():
         lines += [f"## {STEP_TITLES.get(step, step)}", "",
                   "| variant | seconds | spread | ratio to baseline |", "|---|---|---|---|"]
@@ -96,7 +97,7 @@ def markdown(results: dict[str, Any]) -> str:
               "in the Python workers (the data source's tasks and planning) and in the driver's "
               "Python process. local[2] gives at most 2 CPU seconds per second of wall time.", "",
               "| step | variant | wall s | JVM | Python workers | driver Python |", "|---|---|---|---|---|---|"]
-    for step, by_variant in results["comparison"].get("cpu_seconds", {}).items():
+    for step, by_variant in _ordered(results["comparison"].get("cpu_seconds", {})).items():
         for key, groups in by_variant.items():
             lines.append(f"| {STEP_TITLES.get(step, step)} | {variants[key]['label']} | "
                          f"{summary[step][key]['median']:.2f} | {groups['jvm']:.2f} | "
@@ -117,14 +118,15 @@ def markdown(results: dict[str, Any]) -> str:
     for label, counts in sorted(calls.items()):
         key, step = label.split(":", 1)
         lines.append(f"- {variants[key]['label']}, {STEP_TITLES.get(step, step)}: {_distinct(counts)}")
-    lines += ["", "kms_parquet write and full-scan read by partition count (the first write creates "
-              "the table's master key):", "",
-              "| partitions | files | write job HSM calls | read job HSM calls | write s | read s |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Write and full-scan read by partition count (the first write of a table creates "
+              "its master key):", "",
+              "| variant | partitions | files | write job HSM calls | read job HSM calls | write s | read s |",
+              "|---|---|---|---|---|---|---|"]
     for point in results["curves"]["hsm_calls_by_partitions"]:
-        lines.append(f"| {point['partitions']} | {point['files']} | {_calls(point['write_hsm_calls'])} | "
-                     f"{_calls(point['read_hsm_calls'])} | {point['write_seconds']:.1f} | "
-                     f"{point['read_seconds']:.1f} |")
+        label = variants.get(point.get("variant", "kms"), {}).get("label", point.get("variant", "kms"))
+        lines.append(f"| {label} | {point['partitions']} | {point['files']} | "
+                     f"{_calls(point['write_hsm_calls'])} | {_calls(point['read_hsm_calls'])} | "
+                     f"{point['write_seconds']:.1f} | {point['read_seconds']:.1f} |")
     lines.append("")
 
     lines += ["## Crypto-erasure and master-key rotation by table size", "",
@@ -150,7 +152,7 @@ def markdown(results: dict[str, Any]) -> str:
               "| variant | step | JVM heap peak | JVM RSS growth | Python workers PSS growth |",
               "|---|---|---|---|---|"]
     memory = results["memory"]
-    for label, peak in sorted(memory.items()):
+    for label, peak in sorted(memory.items(), key=lambda item: _label_order(item[0])):
         key, step = label.split(":", 1)
         lines.append(f"| {variants[key]['label']} | {STEP_TITLES.get(step, step)} | "
                      f"{peak.get('jvm_heap_peak', 0) / MIB:.0f} | "
@@ -176,12 +178,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     figure, axes = plt.subplots(2, 2, figsize=(13, 9))
     variants = results["variants"]
-    summary = results["comparison"]["summary"]
+    summary = _ordered(results["comparison"]["summary"])
+    colors = {key: f"C{index}" for index, key in enumerate(VARIANT_ORDER)}
 
     # 1. Medians with min-max whiskers, grouped by step.
     axis = axes[0][0]
     steps = list(summary)
-    keys = [k for k in variants if any(k in summary[s] for s in steps)]
+    keys = [k for k in VARIANT_ORDER if any(k in summary[s] for s in steps)]
     width = 0.8 / len(keys)
     for index, key in enumerate(keys):
         xs, medians, low, high = [], [], [], []
@@ -193,7 +196,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             medians.append(figures["median"])
             low.append(figures["median"] - figures["min"])
             high.append(figures["max"] - figures["median"])
-        bars = axis.bar(xs, medians, width, yerr=[low, high], capsize=3, label=variants[key]["label"])
+        bars = axis.bar(xs, medians, width, yerr=[low, high], capsize=3, color=colors[key],
+                        label=variants[key]["label"])
         for bar, step in zip(bars, [s for s in steps if key in summary[s]], strict=True):
             axis.annotate(f"{summary[step][key]['ratio']:.2f}x", (bar.get_x() + bar.get_width() / 2,
                           bar.get_height()), ha="center", va="bottom", fontsize=7)
@@ -204,19 +208,27 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     # 2. HSM calls per job by partition count.
     axis = axes[0][1]
-    points = results["curves"]["hsm_calls_by_partitions"]
-    partitions = [p["partitions"] for p in points]
-    axis.plot(partitions, [sum(p["write_hsm_calls"].values()) for p in points], "o-", label="write job")
-    axis.plot(partitions, [sum(p["read_hsm_calls"].values()) for p in points], "s--", label="read job")
+    all_points = results["curves"]["hsm_calls_by_partitions"]
+    for key in sorted({p.get("variant", "kms") for p in all_points}):
+        points = [p for p in all_points if p.get("variant", "kms") == key]
+        partitions = [p["partitions"] for p in points]
+        name, style = ("kms_parquet", "-") if key == "kms" else ("native encrypted", ":")
+        axis.plot(partitions, [sum(p["write_hsm_calls"].values()) for p in points], "o" + style,
+                  label=f"{name} write job", alpha=0.7)
+        axis.plot(partitions, [sum(p["read_hsm_calls"].values()) for p in points], "s" + style,
+                  label=f"{name} read job", alpha=0.7)
+        for point in points:
+            axis.annotate(str(sum(point["write_hsm_calls"].values())),
+                          (point["partitions"], sum(point["write_hsm_calls"].values())),
+                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     axis.plot(partitions, [p["files"] for p in points], ":", color="grey", label="files written")
-    for point in points:
-        axis.annotate(str(sum(point["write_hsm_calls"].values())),
-                      (point["partitions"], sum(point["write_hsm_calls"].values())),
-                      textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    counts = {sum(p[name].values()) for p in all_points for name in ("write_hsm_calls", "read_hsm_calls")}
+    axis.set_yticks(sorted(counts | {p["files"] for p in all_points}))
     axis.set_xscale("log")
     axis.set_yscale("log")
-    axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    for scale in (axis.xaxis, axis.yaxis):
+        scale.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        scale.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xticks(partitions)
     axis.set_xlabel("partitions (files) per write job")
     axis.set_ylabel("count")
@@ -235,6 +247,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                       label="master-key rotation" if name == "rotate" else "crypto-erasure")
     axis.set_xscale("log")
     axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xticks(files)
     axis.set_ylim(bottom=0)
     axis.set_xlabel("files in the table (one write job)")
@@ -244,7 +257,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     # 4. Memory of each variant's write and full scan.
     axis = axes[1][1]
-    labels = [label for label in sorted(results["memory"]) if not label.endswith("selective_filter")]
+    labels = [label for label in sorted(results["memory"], key=_label_order)
+              if not label.endswith("selective_filter")]
     heap = [results["memory"][label].get("jvm_heap_peak", 0) / MIB for label in labels]
     workers = [results["memory"][label].get("python_workers_pss_growth", 0) / MIB for label in labels]
     positions = range(len(labels))
@@ -262,6 +276,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def _ordered(by_step: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    # JSON stores keys sorted; tables and plots list steps and variants in a fixed order.
+    steps = [step for step in STEP_TITLES if step in by_step]
+    return {
+        step: {key: by_step[step][key] for key in VARIANT_ORDER if key in by_step[step]}
+        for step in steps
+    }
+
+
+def _label_order(label: str) -> tuple[int, int]:
+    key, step = label.split(":", 1)
+    return (VARIANT_ORDER.index(key) if key in VARIANT_ORDER else len(VARIANT_ORDER),
+            list(STEP_TITLES).index(step) if step in STEP_TITLES else len(STEP_TITLES))
 
 
 def _distinct(values: list[Any]) -> str:
