@@ -62,6 +62,8 @@ BASELINE = "native"
 COLUMN_KEYS = "pii: tailnum"
 TABLE = "bench_flights"
 NATIVE_TABLE = "bench_flights_native"
+# The spark_kms table of each encrypted variant, whose HSM calls are counted.
+ENCRYPTED_TABLES = {"kms": TABLE, "native_encrypted": NATIVE_TABLE}
 
 # Every variant runs with these settings, the baseline included.
 SPARK_CONF = {
@@ -305,6 +307,43 @@ def _run_query(frame: Any) -> None:
     frame.write.format("noop").mode("overwrite").save()
 
 
+@dataclass
+class StepRun:
+    """What one write or read of one variant took."""
+
+    seconds: float
+    cpu_seconds: dict[str, float]
+    jvm_heap_peak: int
+    hsm_calls: dict[str, int] | None
+
+
+def run_step(
+    spark: Any, service: Any, sampler: ProcessSampler, source: Any, variant: Variant, step: str,
+    path: str, *, sample_memory: bool,
+) -> StepRun:
+    """Run one step (``write`` or ``read_<query>``) of ``variant`` and measure it."""
+    label = f"{variant.key}:{step}"
+    mark = service.audit.count()
+    reset_jvm_heap_peak(spark)
+    cpu_before = cpu_seconds()
+    with sampler.measure(label) if sample_memory else contextlib.nullcontext():
+        started = time.perf_counter()
+        if step == "write":
+            variant.write(source, path)
+        else:
+            assert variant.read is not None
+            _run_query(READ_QUERIES[step.removeprefix("read_")](variant.read(path)))
+        elapsed = time.perf_counter() - started
+    cpu_after = cpu_seconds()
+    table = ENCRYPTED_TABLES.get(variant.key)
+    return StepRun(
+        seconds=elapsed,
+        cpu_seconds={group: cpu_after[group] - cpu_before[group] for group in cpu_after},
+        jvm_heap_peak=jvm_heap_peak(spark),
+        hsm_calls=bench_curves.hsm_calls_since(service, mark, table) if table else None,
+    )
+
+
 def run_comparison(
     spark: Any,
     service: Any,
@@ -317,10 +356,8 @@ def run_comparison(
     """Time every variant's write and reads, round after round, in rotated order."""
     steps = ["write", *(f"read_{name}" for name in READ_QUERIES)]
     seconds: dict[str, dict[str, list[float]]] = {step: {} for step in steps}
-    heap: dict[str, int] = {}
     cpu: dict[str, dict[str, dict[str, list[float]]]] = {}
     hsm_calls: dict[str, list[dict[str, int]]] = {}
-    encrypted_tables = {"kms": TABLE, "native_encrypted": NATIVE_TABLE}
     total = args.warmup_rounds + args.rounds
     for number in range(total):
         warmup = number < args.warmup_rounds
@@ -330,35 +367,22 @@ def run_comparison(
             for variant in order:
                 if step != "write" and variant.read is None:
                     continue
-                path = str(work / "tables" / variant.key)
                 label = f"{variant.key}:{step}"
-                mark = service.audit.count()
-                reset_jvm_heap_peak(spark)
-                cpu_before = cpu_seconds()
                 # Warm-up rounds start Spark's Python workers, whose memory
                 # belongs to no variant, so only measured rounds are sampled.
-                with sampler.measure(label) if not warmup else contextlib.nullcontext():
-                    started = time.perf_counter()
-                    if step == "write":
-                        variant.write(source, path)
-                    else:
-                        assert variant.read is not None
-                        _run_query(READ_QUERIES[step.removeprefix("read_")](variant.read(path)))
-                    elapsed = time.perf_counter() - started
-                cpu_after = cpu_seconds()
-                heap[label] = max(heap.get(label, 0), jvm_heap_peak(spark))
-                if variant.key in encrypted_tables:
-                    calls = bench_curves.hsm_calls_since(service, mark, encrypted_tables[variant.key])
-                    hsm_calls.setdefault(label, []).append(calls)
+                run = run_step(spark, service, sampler, source, variant, step,
+                               str(work / "tables" / variant.key), sample_memory=not warmup)
+                if run.hsm_calls is not None:
+                    hsm_calls.setdefault(label, []).append(run.hsm_calls)
                 if not warmup:
-                    seconds[step].setdefault(variant.key, []).append(elapsed)
-                    for group, used in cpu_after.items():
-                        by_group = cpu.setdefault(step, {}).setdefault(variant.key, {})
-                        by_group.setdefault(group, []).append(used - cpu_before[group])
+                    seconds[step].setdefault(variant.key, []).append(run.seconds)
+                    peak = sampler.peaks.setdefault(label, {})
+                    peak["jvm_heap_peak"] = max(peak.get("jvm_heap_peak", 0), run.jvm_heap_peak)
+                    by_group = cpu.setdefault(step, {}).setdefault(variant.key, {})
+                    for group, used in run.cpu_seconds.items():
+                        by_group.setdefault(group, []).append(used)
                 _log(f"round {number + 1}/{total}{' (warm-up)' if warmup else ''} "
-                     f"{step:<24} {variant.key:<18} {elapsed:7.2f} s")
-    for label, value in heap.items():
-        sampler.peaks.setdefault(label, {})["jvm_heap_peak"] = value
+                     f"{step:<24} {variant.key:<18} {run.seconds:7.2f} s")
     return {
         "seconds": seconds,
         "summary": {step: summarize(by_variant) for step, by_variant in seconds.items()},
