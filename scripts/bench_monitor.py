@@ -1,12 +1,16 @@
-"""Memory and machine-load sampling for ``scripts/bench.py``.
+"""Memory, CPU and machine-load measurements for ``scripts/bench.py``.
 
 In Spark's local mode the driver and the executor share one JVM, and the
 executor's Python workers are processes forked under that JVM. The
-:class:`ProcessSampler` therefore reports three figures: the RSS of this
-Python process (the driver's Python side), the RSS of the JVM (driver and
-executor), and the summed PSS of the Python workers (the executor's Python
-side). PSS splits pages shared between forked workers among them, so the sum
-does not count a shared page twice.
+:class:`ProcessSampler` therefore reports the peak RSS of this Python process
+(the driver's Python side), the peak RSS of the JVM (driver and executor), and
+the summed PSS of the Python workers (the executor's Python side). PSS splits
+pages shared between forked workers among them, so the sum does not count a
+shared page twice.
+
+The measurements run in this process and take CPU from the benchmark, so
+they sample rarely: the load once per ``LoadMonitor.interval`` and the
+workers' memory once per ``ProcessSampler.interval``.
 """
 
 from __future__ import annotations
@@ -31,24 +35,27 @@ def _descendants(root: psutil.Process) -> list[psutil.Process]:
 
 
 class ProcessSampler:
-    """Samples memory every ``interval`` seconds while a measured step runs.
+    """Measures the memory of the JVM and of the Python workers while a step runs.
 
-    For each step label it keeps, over all the times the step ran, the
-    highest value of each figure and its highest growth above the value at
-    the start of the step (``<figure>_growth``). Spark keeps Python workers
-    and JVM memory from one step to the next, so the growth is what a step
-    adds and the peak is what the whole session holds.
+    The JVM's and this process's peak RSS come from the kernel's high-water
+    mark (``VmHWM``), reset before each step by writing 5 to
+    ``/proc/<pid>/clear_refs``, so they need no sampling. The Python workers
+    are forked and share pages, so their PSS is summed instead, sampled every
+    ``interval`` seconds (a peak between two samples is missed). For each step
+    label it keeps the highest value over all the times the step ran, and for
+    the Python workers also the highest growth above the value at the start
+    of the step (Spark keeps idle workers from one step to the next).
 
-    :param interval: seconds between samples.
+    :param interval: seconds between samples of the Python workers' PSS.
     """
 
-    def __init__(self, interval: float = 0.1) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.peaks: dict[str, dict[str, int]] = {}
         self._label: str | None = None
         self._step = 0
-        self._start: dict[str, int] = {}
-        self._high: dict[str, int] = {}
+        self._start_pss = 0
+        self._high_pss = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._driver = psutil.Process(os.getpid())
@@ -65,24 +72,30 @@ class ProcessSampler:
 
     @contextmanager
     def measure(self, label: str) -> Iterator[None]:
-        """Attribute the samples taken inside the block to ``label``."""
-        figures = self._figures()
+        """Attribute the memory used inside the block to ``label``."""
+        for process in [self._driver, *self._jvms()]:
+            _reset_peak_rss(process)
+        pss = self._workers_pss()
         with self._lock:
             self._label = label
             self._step += 1
-            self._start = figures
-            self._high = dict(figures)
+            self._start_pss = pss
+            self._high_pss = pss
         try:
             yield
         finally:
             self._sample()
             with self._lock:
                 self._label = None
+                figures = {
+                    "jvm_peak_rss": sum(_peak_rss(process) for process in self._jvms()),
+                    "driver_peak_rss": _peak_rss(self._driver),
+                    "python_workers_pss": self._high_pss,
+                    "python_workers_pss_growth": self._high_pss - self._start_pss,
+                }
                 peak = self.peaks.setdefault(label, {})
-                for name, value in self._high.items():
-                    growth = value - self._start[name]
+                for name, value in figures.items():
                     peak[name] = max(peak.get(name, 0), value)
-                    peak[f"{name}_growth"] = max(peak.get(f"{name}_growth", 0), growth)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -93,32 +106,53 @@ class ProcessSampler:
             if self._label is None:
                 return
             step = self._step
-        figures = self._figures()
+        pss = self._workers_pss()
         with self._lock:
             # The step may have ended while the figures were read.
-            if self._label is None or self._step != step:
-                return
-            for name, value in figures.items():
-                self._high[name] = max(self._high.get(name, 0), value)
+            if self._label is not None and self._step == step:
+                self._high_pss = max(self._high_pss, pss)
 
-    def _figures(self) -> dict[str, int]:
-        jvm_rss = 0
-        workers_pss = 0
+    def _jvms(self) -> list[psutil.Process]:
+        return [child for child in _descendants(self._driver) if _name(child) == "java"]
+
+    def _workers_pss(self) -> int:
+        total = 0
         for child in _descendants(self._driver):
+            if not _name(child).startswith("python"):
+                continue
             try:
-                name = child.name()
-                if name == "java":
-                    jvm_rss += child.memory_info().rss
-                elif name.startswith("python"):
-                    workers_pss += child.memory_full_info().pss
+                total += child.memory_full_info().pss
             except psutil.Error:
                 # A worker that exits between listing and reading is skipped.
                 continue
-        return {
-            "driver_python_rss": self._driver.memory_info().rss,
-            "jvm_rss": jvm_rss,
-            "python_workers_pss": workers_pss,
-        }
+        return total
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
+def _reset_peak_rss(process: psutil.Process) -> None:
+    # Linux resets VmHWM to the current RSS on "5" (see proc(5), clear_refs).
+    try:
+        with open(f"/proc/{process.pid}/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss(process: psutil.Process) -> int:
+    try:
+        with open(f"/proc/{process.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -177,7 +211,7 @@ class LoadMonitor:
     lower bound.
     """
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 2.0) -> None:
         self.interval = interval
         self._root = os.getpid()
         self._times: dict[int, float] = {}

@@ -11,9 +11,10 @@ output folder:
    Arrow IPC files, ``bench_arrow_ipc``), plus pyarrow's Parquet reader, plus
    decryption and keys. Each step also reports the CPU seconds of the JVM and
    of the Python workers.
-2. Batch sizes in Spark: ``spark.sql.execution.arrow.maxRecordsPerBatch`` for
-   writes, and the reader's Arrow batch size and scan threads (on the
-   plaintext-equivalent reader, which takes them as options).
+2. Batch sizes in Spark: ``spark.sql.execution.arrow.maxRecordsPerBatch``
+   and ``maxBytesPerBatch`` for writes, and the reader's Arrow batch size and
+   scan threads (on the plaintext-equivalent reader, which takes them as
+   options).
 3. The Python side alone, without Spark: one partition of the table
    (336,776 rows in 10,000-row batches, as Spark hands them over) written and
    read with and without encryption, and with the row group per batch that
@@ -39,9 +40,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402
 import bench_sources  # noqa: E402
 from bench_monitor import LoadMonitor, cpu_seconds  # noqa: E402
+
+import bench  # noqa: E402
 
 Action = Callable[[], None]
 
@@ -162,18 +164,15 @@ def decomposition(spark: Any, source: Any, work: Path, rounds: int) -> dict[str,
 
 
 def batch_sizes(spark: Any, source: Any, work: Path, rounds: int) -> dict[str, Any]:
-    """Time writes at two Arrow batch sizes, and plaintext-equivalent reads at three."""
-    conf_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    default = spark.conf.get(conf_key)
+    """Time writes at two Arrow batch sizes and without the byte limit, and reads at three sizes."""
+    records_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    bytes_key = "spark.sql.execution.arrow.maxBytesPerBatch"
     tables = work / "batch-sizes"
 
-    def with_batch(records: int, action: Action) -> Action:
+    def with_conf(conf: dict[str, str], action: Action) -> Action:
         def run() -> None:
-            spark.conf.set(conf_key, str(records))
-            try:
+            with bench._session_conf(spark, conf):
                 action()
-            finally:
-                spark.conf.set(conf_key, default)
 
         return run
 
@@ -184,13 +183,17 @@ def batch_sizes(spark: Any, source: Any, work: Path, rounds: int) -> dict[str, A
     def discard() -> None:
         source.write.format(bench_sources.DISCARD_FORMAT).mode("overwrite").save(str(tables / "d"))
 
+    larger = {records_key: "100000"}
+    unlimited = dict(bench.UNLIMITED_ARROW_BYTES)
     writes = time_rounds({
         "Spark Parquet writer (not affected)": lambda: source.write.mode("overwrite").parquet(
             str(tables / "native")),
-        f"discard, {conf_key}=10000": with_batch(10_000, discard),
-        f"discard, {conf_key}=100000": with_batch(100_000, discard),
-        f"kms_parquet, {conf_key}=10000": with_batch(10_000, write_kms),
-        f"kms_parquet, {conf_key}=100000": with_batch(100_000, write_kms),
+        "discard, defaults (10,000 rows, 64 MiB)": discard,
+        f"discard, {records_key}=100000": with_conf(larger, discard),
+        f"discard, {bytes_key}=2147483647 (off)": with_conf(unlimited, discard),
+        "kms_parquet, defaults (10,000 rows, 64 MiB)": write_kms,
+        f"kms_parquet, {records_key}=100000": with_conf(larger, write_kms),
+        f"kms_parquet, {bytes_key}=2147483647 (off)": with_conf(unlimited, write_kms),
     }, rounds)
 
     plain = str(tables / "plain")
