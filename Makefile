@@ -25,13 +25,13 @@ test: lint
 unit: bootstrap
 	$(PY) -m pytest -q tests/unit
 
-# The benchmark runs only when asked: it takes about half an hour on 2 cores
-# and its timings depend on the machine, so neither `make test` nor CI runs it.
-# `make bench BENCH_ARGS=--quick` checks the script in a few minutes.
+# The benchmark runs only when asked: it takes minutes and its timings depend
+# on the machine, so neither `make test` nor CI runs it. bench/README.md
+# explains it; `make bench BENCH_ARGS=--quick` checks the script.
 bench: bootstrap
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
-# Where the time of a kms_parquet write and read goes; about 10 minutes.
+# Where the time of a kms_parquet write and read goes.
 bench-profile: bootstrap
 	$(PY) scripts/bench_profile.py $(BENCH_ARGS)
 
