@@ -50,6 +50,7 @@ IPC_FORMAT = "bench_arrow_ipc"
 SCHEMA_FILE = "_bench_schema.json"
 # The batch size of KmsParquetReader.read. The reader's options batch_rows and
 # use_threads (true or false) change the scan for profiling.
+# NOTE: a copy of the literal in KmsParquetReader.read; change both together.
 READ_BATCH_ROWS = 65536
 STAGING_DIR = "_bench_staging"
 
