@@ -7,10 +7,10 @@ keyring or the HSM, and write only into their own folders: a table they write
 is plain Parquet and is not a spark_kms table.
 
 - ``bench_arrow_parquet`` (plaintext-equivalent): the same writer tasks as
-  ``kms_parquet`` (``KmsParquetWriter.write`` and ``write_encrypted_file``,
-  with a plan that returns no encryption properties), the same staging and
-  commit by rename, and a reader that scans each file with the same pyarrow
-  dataset call and batch size.
+  ``kms_parquet``, that is ``KmsParquetWriter.write`` and
+  ``write_encrypted_file`` with a plan that returns no encryption properties.
+  It stages and commits by rename like ``kms_parquet``, and its reader scans
+  each file with the same pyarrow dataset call and batch size.
 - ``bench_arrow_discard``: Spark sends the Arrow batches to the Python worker,
   which drops them. It measures the JVM-to-Python transfer alone.
 - ``bench_arrow_ipc``: uncompressed Arrow IPC files, read memory-mapped, so a
