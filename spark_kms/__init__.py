@@ -84,7 +84,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def _log_to_stderr_if_asked() -> None:
+def _log_to_stderr_if_requested() -> None:
     # Spark's Python workers configure no logging. SPARK_KMS_LOG_LEVEL (for
     # example DEBUG) sends this package's records to the worker's stderr,
     # which Spark copies into the executor and driver logs.
@@ -99,4 +99,4 @@ def _log_to_stderr_if_asked() -> None:
     logger.setLevel(level)
 
 
-_log_to_stderr_if_asked()
+_log_to_stderr_if_requested()

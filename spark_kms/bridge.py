@@ -33,8 +33,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spark_kms.errors import ConfigurationError, InvalidOptionError
+from spark_kms.errors import ConfigurationError
 from spark_kms.jobkeys import JobKeys
+from spark_kms.parquet_crypto import match_column_paths
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -353,27 +354,14 @@ def column_key_paths(
     """
     leaves = parquet_leaf_paths(spark, schema)
     top_level = set(schema.fieldNames())
-    resolved: dict[str, list[str]] = {}
-    for group, columns in groups.items():
-        paths: list[str] = []
-        for column in columns:
-            if column in top_level and "." in column:
-                raise InvalidOptionError(
-                    f"column {column!r} contains '.', which Parquet column paths use as a "
-                    "separator, so it cannot be put under a column key; rename the column"
-                )
-            if column in top_level:
-                covered = [p for p in leaves if p == column or p.startswith(column + ".")]
-            else:
-                covered = [p for p in leaves if p == column]
-            if not covered:
-                raise InvalidOptionError(
-                    f"column {column!r} of key group '{group}' does not exist; valid columns "
-                    "and leaf paths: " + ", ".join(sorted(top_level | set(leaves)))
-                )
-            paths += covered
-        resolved[group] = paths
-    return resolved
+    return {
+        group: [
+            path
+            for paths in match_column_paths(leaves, top_level, columns).values()
+            for path in paths
+        ]
+        for group, columns in groups.items()
+    }
 
 
 def main() -> int:

@@ -398,7 +398,7 @@ def _check_projection(table: str, stored_json: str, schema: StructType) -> None:
 
 @dataclass
 class KmsCommitMessage(WriterCommitMessage):
-    """What one task staged: file names relative to the job's staging folder."""
+    """Files one task staged, named relative to the job's staging folder."""
 
     files: list[str] = field(default_factory=list)
     rows: int = 0
@@ -655,8 +655,8 @@ class KmsParquetReader(DataSourceReader):
         if not files:
             return [KmsFilePartition("", JobKeys({}))]
 
-        # Each file needs the KEKs of the job that wrote it; a file no commit
-        # record names (written by another path) may need any KEK of the table.
+        # Each file needs the KEKs of the job that wrote it. A file that no
+        # commit record names (written by another path) may need any KEK of the table.
         by_file: dict[str, list[str]] = {}
         for record in records:
             for name in record.files:

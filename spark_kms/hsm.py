@@ -114,8 +114,8 @@ class Hsm:
 
     :param module_path: path of the PKCS#11 module (``.so``).
     :param token_label: label of the token to use.
-    :param pin_file: file that holds the user PIN (mode 0600).
-    :param pin_env: environment variable that holds the user PIN.
+    :param pin_file: file that contains the user PIN (mode 0600).
+    :param pin_env: environment variable that contains the user PIN.
     :param softhsm2_conf: when given, exported as ``SOFTHSM2_CONF`` before the
         module loads (SoftHSM2 reads its token folder from it).
     :raises ConfigurationError: if the module cannot be loaded or the PIN source is invalid.

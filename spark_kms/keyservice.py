@@ -109,7 +109,7 @@ class WriteKeys:
 
 @dataclass
 class TableStatus:
-    """What ``spark-kms status`` shows of a table."""
+    """State of a table, as ``spark-kms status`` prints it."""
 
     table: str
     table_id: str
@@ -316,7 +316,7 @@ class KeyService:
         :raises TableErasedError: if the table was erased.
         :raises TablePendingDeletionError: if the table is scheduled for deletion.
         :raises ConfigurationError: if the name is registered at another location,
-            or the location holds another table.
+            or the location contains another table.
         :raises InvalidOptionError: if ``partition_by`` or ``rotation_period_days``
             contradicts the existing table.
         """
@@ -355,7 +355,7 @@ class KeyService:
             )
         if meta is not None and meta.table != table:
             raise ConfigurationError(
-                f"{store.location} holds table '{meta.table}', not '{table}'; "
+                f"{store.location} contains table '{meta.table}', not '{table}'; "
                 f"set kms.table to '{meta.table}' or write to another location"
             )
         if meta is not None and entry is not None and meta.table_id != entry.table_id:
@@ -459,7 +459,7 @@ class KeyService:
         Checks the permission ``operation`` first (``None``: no check, for a
         caller that checked already), then runs what is due on the table.
 
-        :raises TableNotFoundError: if the location holds no spark_kms table.
+        :raises TableNotFoundError: if the location contains no spark_kms table.
         :raises AccessDeniedError: if the policy denies ``operation``.
         :raises TableErasedError: if the table was erased.
         :raises TablePendingDeletionError: if the table is scheduled for deletion.
@@ -468,7 +468,7 @@ class KeyService:
         meta = store.read_metadata()
         if meta is None:
             raise TableNotFoundError(
-                f"{store.location} holds no spark_kms table ({store.keyring}/table.json is missing); "
+                f"{store.location} contains no spark_kms table ({store.keyring}/table.json is missing); "
                 "write it with format 'kms_parquet' first"
             )
         if operation is not None:
@@ -834,7 +834,7 @@ class KeyService:
                 wrapped = base64.b64decode(record.wrapped_kek, validate=True)
             except ValueError:
                 raise IntegrityError(
-                    f"KEK record {record.kek_id} holds a wrapped key that is not valid base64"
+                    f"KEK record {record.kek_id} contains a wrapped key that is not valid base64"
                 ) from None
             try:
                 kek = self.hsm.decrypt(

@@ -33,6 +33,7 @@ __all__ = [
     "leaf_paths",
     "open_encrypted_dataset",
     "open_encrypted_writer",
+    "match_column_paths",
     "resolve_column_paths",
     "write_encrypted_file",
 ]
@@ -258,8 +259,18 @@ def resolve_column_paths(schema: pa.Schema, columns: Iterable[str]) -> dict[str,
         column does not exist or its name contains ``.`` (ambiguous in Parquet
         column paths).
     """
-    leaves = leaf_paths(schema)
-    top_level = set(schema.names)
+    return match_column_paths(leaf_paths(schema), set(schema.names), columns)
+
+
+def match_column_paths(
+    leaves: Sequence[str], top_level: set[str], columns: Iterable[str]
+) -> dict[str, list[str]]:
+    """Map each column to the leaf paths in ``leaves`` that it covers.
+
+    :param leaves: the Parquet leaf paths of the schema.
+    :param top_level: the schema's top-level column names.
+    :raises InvalidOptionError: as :func:`resolve_column_paths` describes.
+    """
     resolved: dict[str, list[str]] = {}
     for column in columns:
         if column in top_level and "." in column:

@@ -122,12 +122,12 @@ def test_name_bound_to_location(key_service: KeyService, table_name: str, tmp_pa
 def test_location_bound_to_name(key_service: KeyService, make_table_name, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     first, second = make_table_name("a"), make_table_name("b")
     key_service.open_table_for_write(first, str(tmp_path / "t"))
-    with pytest.raises(ConfigurationError, match=f"holds table '{first}', not '{second}'"):
+    with pytest.raises(ConfigurationError, match=f"contains table '{first}', not '{second}'"):
         key_service.open_table_for_write(second, str(tmp_path / "t"))
 
 
 def test_read_of_non_table(key_service: KeyService, tmp_path: Path) -> None:
-    with pytest.raises(TableNotFoundError, match="holds no spark_kms table"):
+    with pytest.raises(TableNotFoundError, match="contains no spark_kms table"):
         key_service.open_table_for_read(str(tmp_path / "nothing"))
 
 

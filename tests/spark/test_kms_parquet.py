@@ -368,7 +368,7 @@ def test_erasure_with_live_dataframe(spark: SparkSession, table_name: str, tmp_p
 
 def test_read_of_plain_folder(spark: SparkSession, tmp_path: Path) -> None:
     spark.range(3).write.parquet(str(tmp_path / "plain"))
-    with pytest.raises(TableNotFoundError, match="holds no spark_kms table"):
+    with pytest.raises(TableNotFoundError, match="contains no spark_kms table"):
         with spark_kms.typed_errors():
             spark.read.format("kms_parquet").load(str(tmp_path / "plain")).collect()
 
