@@ -82,7 +82,7 @@ CELLS = [
         "    with spark_kms.typed_errors():\n"
         "        spark.read.format('kms_parquet').load(location).count()\n"
         "except spark_kms.TableErasedError as error:\n"
-        "    print('TableErasedError:', error)",
+        "    print(f'TableErasedError: {error}')",
     ),
     ("code", "spark.stop()"),
 ]
@@ -95,12 +95,14 @@ def main() -> None:
         "display_name": "Python 3",
         "language": "python",
     }
-    for kind, source in CELLS:
+    for index, (kind, source) in enumerate(CELLS):
         cell = (
             nbformat.v4.new_markdown_cell(source)
             if kind == "markdown"
             else nbformat.v4.new_code_cell(source)
         )
+        # Fixed ids keep the file unchanged when the script runs again.
+        cell.id = f"cell-{index}"
         notebook.cells.append(cell)
     path = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
     nbformat.write(notebook, path)
