@@ -68,6 +68,7 @@ from spark_kms.partitioning import (
     unescape_path_name,
 )
 from spark_kms.settings import KmsSettings
+from spark_kms.splits import ReadSplitSettings, group_files
 from spark_kms.staging import clean_stale_staging
 
 __all__ = ["FORMAT_NAME", "KmsParquetDataSource", "data_source_class"]
@@ -96,7 +97,11 @@ def _service(properties: dict[str, str], context: dict[str, str] | None = None) 
 
 
 def data_source_class(
-    settings: KmsSettings, *, principal: str | None = None, application_id: str | None = None
+    settings: KmsSettings,
+    *,
+    principal: str | None = None,
+    application_id: str | None = None,
+    read_splits: ReadSplitSettings | None = None,
 ) -> type[KmsParquetDataSource]:
     """Return a ``kms_parquet`` data source class bound to ``settings``.
 
@@ -104,7 +109,8 @@ def data_source_class(
     labels, never a PIN) reach the Python workers that plan reads and writes.
     Those workers do not see the Spark user, so ``principal`` (the Spark user,
     for the access policy and the audit log) and ``application_id`` travel
-    with the class too.
+    with the class too, and so do the session's file scan settings
+    (``read_splits``), which size the read tasks.
     """
     context = {"principal": principal, "application_id": application_id}
     return type(
@@ -113,6 +119,7 @@ def data_source_class(
         {
             "_properties": settings.to_properties(),
             "_context": {k: v for k, v in context.items() if v},
+            "_read_splits": (read_splits or ReadSplitSettings()).to_properties(),
         },
     )
 
@@ -125,6 +132,7 @@ class KmsParquetDataSource(DataSource):
 
     _properties: ClassVar[dict[str, str]] = {}
     _context: ClassVar[dict[str, str]] = {}
+    _read_splits: ClassVar[dict[str, int]] = {}
 
     @classmethod
     def name(cls) -> str:
@@ -290,6 +298,7 @@ class KmsParquetDataSource(DataSource):
             properties=dict(self._properties),
             partition_by=meta.partition_by,
             context=dict(self._context),
+            read_splits=ReadSplitSettings.from_properties(self._read_splits),
         )
 
 
@@ -593,20 +602,30 @@ class KmsParquetWriter(DataSourceArrowWriter):
             pass
 
 
-class KmsFilePartition(InputPartition):
+class KmsFile:
     """One file to read, with the KEKs it needs and, in a partitioned table,
     the folder text of its partition value (``None`` for null)."""
 
     def __init__(
         self, path: str, keys: JobKeys, partition_value: tuple[str | None] | None = None
     ) -> None:
-        super().__init__(path)
         self.path = path
         self.keys = keys
         self.partition_value = partition_value
 
     def __repr__(self) -> str:
-        return f"KmsFilePartition(path={self.path!r}, keys={self.keys!r})"
+        return f"KmsFile(path={self.path!r}, keys={self.keys!r})"
+
+
+class KmsFilePartition(InputPartition):
+    """Files that one Spark task reads, one after the other."""
+
+    def __init__(self, files: list[KmsFile]) -> None:
+        super().__init__([file.path for file in files])
+        self.files = files
+
+    def __repr__(self) -> str:
+        return f"KmsFilePartition(files={self.files!r})"
 
 
 class KmsParquetReader(DataSourceReader):
@@ -631,6 +650,7 @@ class KmsParquetReader(DataSourceReader):
         properties: dict[str, str],
         partition_by: str | None = None,
         context: dict[str, str] | None = None,
+        read_splits: ReadSplitSettings | None = None,
     ) -> None:
         self.table = table
         self.location = location
@@ -638,6 +658,7 @@ class KmsParquetReader(DataSourceReader):
         self.properties = properties
         self.partition_by = partition_by
         self.context = context or {}
+        self.read_splits = read_splits or ReadSplitSettings()
         self.job_id = uuid.uuid4().hex[:16]
 
     def __repr__(self) -> str:
@@ -650,10 +671,12 @@ class KmsParquetReader(DataSourceReader):
         # A file that an overwrite replaced is no longer part of the table,
         # even when deleting it failed.
         replaced = {name for record in records for name in record.replaced}
-        listed = [name for name in store.list_data_files() if name not in replaced]
-        files = self._skip_erased_partitions(service, listed)
+        sizes = {
+            name: size for name, size in store.data_file_sizes().items() if name not in replaced
+        }
+        files = self._skip_erased_partitions(service, sorted(sizes))
         if not files:
-            return [KmsFilePartition("", JobKeys({}))]
+            return [KmsFilePartition([])]
 
         # Each file needs the KEKs of the job that wrote it. A file that no
         # commit record names (written by another path) may need any KEK of the table.
@@ -668,24 +691,31 @@ class KmsParquetReader(DataSourceReader):
                 by_file[name] = self._partition_keks(name, every)
         needed = {kek for name in files for kek in by_file[name]}
         keys = service.unwrap_keks(meta, store, needed, job_id=self.job_id)
+        groups = group_files({name: sizes[name] for name in files}, self.read_splits)
         log.info(
-            "read job %s on table %s: %d file(s), %d KEK(s)",
+            "read job %s on table %s: %d file(s) in %d task(s), %d KEK(s)",
             self.job_id,
             self.table,
             len(files),
+            len(groups),
             len(keys),
         )
-        partitions: list[InputPartition] = []
-        for name in files:
-            wanted = by_file.get(name)
-            partitions.append(
-                KmsFilePartition(
-                    f"{store.location}/{name}",
-                    keys if wanted is None else keys.subset(wanted),
-                    self._partition_value(name),
-                )
+        # Each file keeps only the KEKs of its own job and partition, so a
+        # file moved into another partition's folder fails instead of being
+        # read with that folder's partition value.
+        return [
+            KmsFilePartition(
+                [
+                    KmsFile(
+                        f"{store.location}/{name}",
+                        keys.subset(by_file[name]),
+                        self._partition_value(name),
+                    )
+                    for name in group
+                ]
             )
-        return partitions
+            for group in groups
+        ]
 
     def _skip_erased_partitions(self, service: KeyService, files: list[str]) -> list[str]:
         if not self.partition_by:
@@ -722,43 +752,48 @@ class KmsParquetReader(DataSourceReader):
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
         assert isinstance(partition, KmsFilePartition)
-        if not partition.path:
+        if not partition.files:
             return
-        # The path is already resolved: resolving it again as a URI would
+        # The paths are already resolved: resolving them again as URIs would
         # decode the %XX escapes of Hive-style partition folders.
         filesystem, _location = resolve_location(self.location)
-        path = partition.path
         columns = [f.name for f in self.schema.fields if f.name != self.partition_by]
+        nullable = {f.name: f.nullable for f in self.schema.fields}
+        for file in partition.files:
+            yield from self._read_file(file, filesystem, columns, nullable)
+
+    def _read_file(
+        self, file: KmsFile, filesystem: Any, columns: list[str], nullable: dict[str, bool]
+    ) -> Iterator[pa.RecordBatch]:
         # Opening the dataset already decrypts the footer, so it belongs inside
         # the try: every failure must name the file.
         try:
             # pyarrow reads a plaintext file even when given decryption
             # properties, so a file planted in the table must be refused here.
-            if not is_encrypted_file(filesystem, path):
+            if not is_encrypted_file(filesystem, file.path):
                 raise IntegrityError(
                     "the file is not in encrypted footer mode (magic PARE), but a table "
                     "written by spark_kms holds only encrypted files; remove it or run "
                     "'spark-kms verify'"
                 )
             dataset = open_encrypted_dataset(
-                [path], keys=partition.keys, filesystem=filesystem, job_id=self.job_id
+                [file.path], keys=file.keys, filesystem=filesystem, job_id=self.job_id
             )
-            nullable = {f.name: f.nullable for f in self.schema.fields}
-            partition_field = self._partition_field(partition)
+            partition_field = self._partition_field(file)
             for batch in dataset.to_batches(columns=columns, batch_size=65536):
                 if partition_field is not None:
                     batch = self._with_partition_column(batch, *partition_field)
                 yield _with_nullability(_timestamps_in_utc(batch), nullable)
         except (SparkKmsError, OSError, pa.ArrowException) as error:
-            raise check_readable(error, partition.path) from None
+            raise check_readable(error, file.path) from None
 
-    def _partition_field(self, partition: KmsFilePartition) -> tuple[pa.Field, Any] | None:
+    def _partition_field(self, file: KmsFile) -> tuple[pa.Field, Any] | None:
         # The requested partition column and its value in this file's folder.
         requested = [f for f in self.schema.fields if f.name == self.partition_by]
-        if partition.partition_value is None or not requested:
+        if file.partition_value is None or not requested:
             return None
         field = _to_arrow_schema(StructType(requested)).field(0)
-        return field, parse_value(partition.partition_value[0], field.type)
+        return field, parse_value(file.partition_value[0], field.type)
 
     def _with_partition_column(
         self, batch: pa.RecordBatch, field: pa.Field, value: Any

@@ -417,8 +417,12 @@ class KeyringStore:
 
     def list_data_files(self) -> list[str]:
         """Return the table's Parquet files (relative paths), skipping ``_`` and ``.`` folders."""
+        return sorted(self.data_file_sizes())
+
+    def data_file_sizes(self) -> dict[str, int]:
+        """Return the size in bytes of each Parquet file of the table, by relative path."""
         selector = pafs.FileSelector(self.location, recursive=True, allow_not_found=True)
-        found = []
+        found = {}
         for info in self.filesystem.get_file_info(selector):
             if info.type != pafs.FileType.File:
                 continue
@@ -426,8 +430,8 @@ class KeyringStore:
             if any(part.startswith(("_", ".")) for part in relative.split("/")):
                 continue
             if relative.endswith(".parquet"):
-                found.append(relative)
-        return sorted(found)
+                found[relative] = int(info.size or 0)
+        return found
 
     def _kek_path(self, kek_id: str) -> str:
         return f"{self.keyring}/keks/{kek_id}.json"

@@ -28,6 +28,7 @@ from spark_kms.datasource import data_source_class
 from spark_kms.errors import ConfigurationError, SparkKmsError
 from spark_kms.keyservice import EraseReport, KeyService
 from spark_kms.settings import PREFIX, KmsSettings
+from spark_kms.splits import ReadSplitSettings
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -67,8 +68,15 @@ def configure(spark: SparkSession, settings: KmsSettings | None = None) -> KeySe
     # Log in now: configuration errors surface here, typed, and not in a job.
     service.hsm  # noqa: B018
 
+    # The file scan settings are read once here: changing them later in the
+    # session does not resize kms_parquet's read tasks until configure runs again.
     spark.dataSource.register(
-        data_source_class(settings, principal=principal, application_id=application_id)
+        data_source_class(
+            settings,
+            principal=principal,
+            application_id=application_id,
+            read_splits=ReadSplitSettings.from_session(spark),
+        )
     )
     _CONFIGURED[spark.sparkContext.applicationId] = service
     bridge.enable(spark)

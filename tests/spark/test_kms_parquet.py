@@ -186,6 +186,20 @@ def test_hsm_calls_do_not_grow_with_files(
     assert counts[16] == (2, 2)
 
 
+def test_small_files_share_read_tasks(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
+    location = str(tmp_path / "t")
+    source = flights_like(spark, 1600, 16)
+    spark_kms.write_table(source, location, table=table_name, column_keys="pii: tailnum")
+    assert len(data_files(Path(location))) == 16
+
+    back = spark_kms.read_table(spark, location)
+    # 16 files of a few KiB: one task per unit of the session's default
+    # parallelism (4 in the test session), as Spark's own file scan sizes them.
+    assert spark.sparkContext.defaultParallelism == 4
+    assert back.rdd.getNumPartitions() == 4
+    assert_df_equality(source, back, ignore_row_order=True, ignore_nullable=True)
+
+
 def test_read_unwraps_each_kek_once(
     spark: SparkSession, key_service: KeyService, table_name: str, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ from pyspark.sql import functions as F
 import spark_kms
 from spark_kms.errors import (
     AccessDeniedError,
+    IntegrityError,
     InvalidOptionError,
     PartitionErasedError,
     PartitionsErasedWarning,
@@ -169,6 +170,20 @@ def test_partitioned_null_and_string_values(spark: SparkSession, table_name: str
     assert folders == ["tenant=__HIVE_DEFAULT_PARTITION__", "tenant=a%3Db", "tenant=acme%2Feu"]
     back = spark_kms.read_table(spark, str(location))
     assert_df_equality(source, back, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_file_moved_to_other_partition(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
+    # A read task now reads several files, and each file must still decrypt
+    # only with the KEKs of the partition folder it sits in.
+    location = tmp_path / "t"
+    spark_kms.write_table(customers(spark), str(location), table=table_name, partition_by="customer_id")
+    moved = sorted((location / "customer_id=41").glob("*.parquet"))[0]
+    target = location / "customer_id=42" / moved.name
+    moved.rename(target)
+
+    with pytest.raises(IntegrityError, match=f"cannot decrypt .*customer_id=42/{moved.name}"):
+        with spark_kms.typed_errors():
+            spark_kms.read_table(spark, str(location)).collect()
 
 
 def test_partition_erasure_keeps_others(
