@@ -245,18 +245,25 @@ def _delta_groups(table: str, stored: str | None, column_keys: str | None) -> di
     return groups
 
 
-def _kek_ids_for_files(store: KeyringStore) -> set[str]:
-    """Return the KEKs the table's Parquet files need, by the commit records of kms_parquet.
+def _table_files(store: KeyringStore) -> tuple[list[str], list[str]]:
+    """Return the table's Parquet files, and those an overwrite replaced but did not delete."""
+    replaced = {name for record in store.list_commit_records() for name in record.replaced}
+    listed = store.list_data_files()
+    return [n for n in listed if n not in replaced], [n for n in listed if n in replaced]
 
-    A file that no commit record names (written through the JVM bridge) may
-    need any KEK of the table, so then all are returned.
+
+def _kek_ids_for_files(store: KeyringStore, files: list[str]) -> set[str]:
+    """Return the KEKs that ``files`` need, by the table's commit records.
+
+    A file that no commit record names (written by another path) may need any
+    KEK of the table, so then all are returned.
     """
     by_file: dict[str, list[str]] = {}
     for record in store.list_commit_records():
         for name in record.files:
             by_file[name] = list(record.kek_ids)
     needed: set[str] = set()
-    for name in store.list_data_files():
+    for name in files:
         if name not in by_file:
             return set(store.list_kek_ids())
         needed.update(by_file[name])
@@ -476,6 +483,7 @@ def _commit_parquet(
                 rows=rows,
                 extra={"writer": "spark"},
                 column_keys={g: list(c) for g, c in groups.items()} or None,
+                replaced=previous,
             )
         )
         for name in previous:
@@ -483,6 +491,15 @@ def _commit_parquet(
                 store.filesystem.delete_file(f"{store.location}/{name}")
             except FileNotFoundError:
                 pass
+            except OSError as error:
+                # The commit record lists the file as replaced, so reads skip it.
+                log.warning(
+                    "job %s on table %s: failed to delete replaced file %s (%s); delete it by hand",
+                    job_id,
+                    meta.table,
+                    name,
+                    error,
+                )
         if current.spark_schema != schema_json:
 
             def set_schema(changed: TableMetadata) -> None:
@@ -542,11 +559,26 @@ def read_parquet(spark: SparkSession, path: str) -> DataFrame:
             f"{store.location} contains a Delta table; read it with spark_kms.read_delta"
         )
     job_id = uuid.uuid4().hex[:16]
-    keys = _unwrap_missing(spark, service, meta, store, _kek_ids_for_files(store), job_id)
+    files, stale = _table_files(store)
+    keys = _unwrap_missing(spark, service, meta, store, _kek_ids_for_files(store, files), job_id)
     bridge.load_keys(spark, keys)
     log.info("read job %s on table %s: %d KEK(s) unwrapped", job_id, meta.table, len(keys))
     with typed_errors():
-        return spark.read.parquet(path)
+        if not stale:
+            return spark.read.parquet(path)
+        # An overwrite whose deletes failed left old files in the folder: they
+        # are no longer part of the table, so only the others are read.
+        log.warning(
+            "read of table %s skips %d file(s) that an overwrite replaced but did not "
+            "delete; delete them from %s: %s",
+            meta.table,
+            len(stale),
+            store.location,
+            ", ".join(stale),
+        )
+        if not files:
+            return spark.createDataFrame([], _stored_schema(meta, required=True))
+        return spark.read.option("basePath", path).parquet(*(f"{path}/{n}" for n in files))
 
 
 def write_delta(

@@ -124,6 +124,25 @@ def test_parquet_overwrite_keeps_keyring(
     assert_df_equality(smaller, back, ignore_row_order=True, ignore_nullable=True)
 
 
+def test_parquet_overwrite_skips_undeleted_files(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "overwritten"
+    spark_kms.write_parquet(flights, str(location), table=table_name)
+    old_files = {f.name: f.read_bytes() for f in parquet_files(location)}
+    smaller = flights.limit(100)
+    spark_kms.write_parquet(smaller, str(location), table=table_name, mode="overwrite")
+    # As if deleting the replaced files had failed: put them back.
+    for name, data in old_files.items():
+        (location / name).write_bytes(data)
+
+    back = spark_kms.read_parquet(spark, str(location))
+    assert back.count() == 100
+    assert_df_equality(smaller, back, ignore_row_order=True, ignore_nullable=True)
+    by_kms_parquet = spark_kms.read_table(spark, str(location))
+    assert by_kms_parquet.count() == 100
+
+
 def test_append_with_other_schema_rejected(
     spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
 ) -> None:
