@@ -41,6 +41,7 @@ from spark_kms.datasource import KmsCommitMessage, KmsParquetWriter
 from spark_kms.jobkeys import JobKeys
 from spark_kms.keyring import resolve_location
 from spark_kms.parquet_crypto import EncryptionPlan
+from spark_kms.splits import ReadSplitSettings, group_files
 
 __all__ = ["ArrowDiscardDataSource", "ArrowIpcDataSource", "ArrowParquetDataSource", "register"]
 
@@ -66,6 +67,8 @@ def register(spark: Any) -> None:
     from pyspark import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # The readers group files into tasks as kms_parquet's reader does.
+    _ReadSplits.properties = ReadSplitSettings.from_session(spark).to_properties()
     spark.dataSource.register(ArrowParquetDataSource)
     spark.dataSource.register(ArrowDiscardDataSource)
     spark.dataSource.register(ArrowIpcDataSource)
@@ -140,14 +143,27 @@ class PlaintextWriter(KmsParquetWriter):
         filesystem.delete_dir(self.staging)
 
 
+class _ReadSplits:
+    """The session's file scan settings, pickled with the readers."""
+
+    properties: dict[str, int] = {}
+
+
 class _FilePartition(InputPartition):
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.path = path
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__(paths)
+        self.paths = paths
+
+
+def _file_partitions(filesystem: Any, location: str, names: list[str]) -> list[InputPartition]:
+    # The same grouping of files into tasks as KmsParquetReader.partitions.
+    sizes = {name: int(filesystem.get_file_info(f"{location}/{name}").size) for name in names}
+    groups = group_files(sizes, ReadSplitSettings.from_properties(_ReadSplits.properties))
+    return [_FilePartition([f"{location}/{name}" for name in group]) for group in groups]
 
 
 class PlaintextReader(DataSourceReader):
-    """One partition per file, scanned as ``KmsParquetReader.read`` scans, minus decryption."""
+    """Files grouped into tasks and scanned as ``KmsParquetReader.read`` does, minus decryption."""
 
     def __init__(self, location: str, schema: StructType, batch_rows: int, use_threads: bool) -> None:
         self.location = location
@@ -157,19 +173,22 @@ class PlaintextReader(DataSourceReader):
 
     def partitions(self) -> Sequence[InputPartition]:
         filesystem, _ = resolve_location(self.location)
-        return [_FilePartition(f"{self.location}/{n}") for n in _list_parquet(filesystem, self.location)]
+        return _file_partitions(filesystem, self.location, _list_parquet(filesystem, self.location))
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
         assert isinstance(partition, _FilePartition)
-        filesystem, path = resolve_location(partition.path)
-        dataset = ds.dataset([path], format="parquet", filesystem=filesystem)
         columns = [f.name for f in self.schema.fields]
         nullable = {f.name: f.nullable for f in self.schema.fields}
-        batches = dataset.to_batches(
-            columns=columns, batch_size=self.batch_rows, use_threads=self.use_threads
-        )
-        for batch in batches:
-            yield kms_datasource._with_nullability(kms_datasource._timestamps_in_utc(batch), nullable)
+        for file_path in partition.paths:
+            filesystem, path = resolve_location(file_path)
+            dataset = ds.dataset([path], format="parquet", filesystem=filesystem)
+            batches = dataset.to_batches(
+                columns=columns, batch_size=self.batch_rows, use_threads=self.use_threads
+            )
+            for batch in batches:
+                yield kms_datasource._with_nullability(
+                    kms_datasource._timestamps_in_utc(batch), nullable
+                )
 
 
 class ArrowDiscardDataSource(DataSource):
@@ -240,7 +259,7 @@ class IpcWriter(DataSourceArrowWriter):
 
 
 class IpcReader(DataSourceReader):
-    """One partition per IPC file; its batches go to Spark as they are stored."""
+    """IPC files grouped into tasks like kms_parquet's; batches go to Spark as they are stored."""
 
     def __init__(self, location: str, schema: StructType) -> None:
         self.location = location
@@ -248,17 +267,19 @@ class IpcReader(DataSourceReader):
 
     def partitions(self) -> Sequence[InputPartition]:
         names = sorted(n for n in os.listdir(self.location) if n.endswith(".arrow"))
-        return [_FilePartition(f"{self.location}/{n}") for n in names]
+        filesystem, _ = resolve_location(self.location)
+        return _file_partitions(filesystem, self.location, names)
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
         assert isinstance(partition, _FilePartition)
         columns = [f.name for f in self.schema.fields]
         nullable = {f.name: f.nullable for f in self.schema.fields}
-        with pa.memory_map(partition.path) as source:
-            reader = pa.ipc.open_file(source)
-            for index in range(reader.num_record_batches):
-                batch = reader.get_batch(index).select(columns)
-                yield kms_datasource._with_nullability(batch, nullable)
+        for path in partition.paths:
+            with pa.memory_map(path) as source:
+                reader = pa.ipc.open_file(source)
+                for index in range(reader.num_record_batches):
+                    batch = reader.get_batch(index).select(columns)
+                    yield kms_datasource._with_nullability(batch, nullable)
 
 
 def _list_parquet(filesystem: Any, location: str) -> list[str]:
