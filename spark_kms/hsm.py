@@ -19,7 +19,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +38,7 @@ from spark_kms.errors import (
     SparkKmsError,
 )
 
-__all__ = ["GCM_NONCE_LENGTH", "Hsm", "HsmStats", "read_pin"]
+__all__ = ["GCM_NONCE_LENGTH", "Hsm", "HsmBatch", "HsmStats", "read_pin"]
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,7 @@ class Hsm:
                 session = self._pool.get_nowait()
             except queue.Empty:
                 session = self._open_session()
+            generation = _GENERATION[0]
             healthy = True
             try:
                 yield session
@@ -278,7 +279,12 @@ class Hsm:
                 healthy = not isinstance(error, _SESSION_LOST)
                 raise _translate(error, self.token_label) from error
             finally:
-                if healthy:
+                if generation != _GENERATION[0]:
+                    # A re-initialization while the session was lent ended it.
+                    # Closing it would send a handle that may now belong to a new
+                    # session, and _follow_reinitialization resets the count.
+                    pass
+                elif healthy:
                     self._pool.put(session)
                 else:
                     _close_quietly(session)
@@ -438,22 +444,30 @@ class Hsm:
             )
         log.info("generated master key %s in token %s", label, self.token_label)
 
+    @contextmanager
+    def batch(self) -> Iterator[HsmBatch]:
+        """Lend one session for a run of encrypt and decrypt calls that looks each label up once.
+
+        The process-wide PKCS#11 call lock is held until the block ends, so
+        other threads' HSM calls wait for the whole batch. Keep file I/O out of the block.
+
+        :raises HsmUnavailableError: if a new session cannot be opened.
+        """
+        with self.session() as session:
+            batch = HsmBatch(self, session, self._generation)
+            try:
+                yield batch
+            finally:
+                batch._close()
+
     def encrypt(self, label: str, plaintext: bytes, aad: bytes) -> bytes:
         """Encrypt with the key ``label`` using AES-GCM inside the token.
 
         :returns: ``nonce || ciphertext || tag``.
         :raises KeyNotFoundError: if the key does not exist.
         """
-        nonce = os.urandom(GCM_NONCE_LENGTH)
-        with self.session() as session:
-            key = self._find_key_in(session, label)
-            self.stats.encrypt += 1
-            sealed = key.encrypt(
-                plaintext,
-                mechanism=Mechanism.AES_GCM,
-                mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
-            )
-        return nonce + bytes(sealed)
+        with self.batch() as batch:
+            return batch.encrypt(label, plaintext, aad)
 
     def decrypt(self, label: str, blob: bytes, aad: bytes) -> bytes:
         """Decrypt ``nonce || ciphertext || tag`` with the key ``label`` inside the token.
@@ -461,33 +475,8 @@ class Hsm:
         :raises KeyNotFoundError: if the key does not exist.
         :raises IntegrityError: if authentication fails.
         """
-        if len(blob) < GCM_NONCE_LENGTH + GCM_TAG_BITS // 8:
-            raise IntegrityError(
-                f"wrapped value for key '{label}' is too short ({len(blob)} bytes)"
-            )
-        nonce, sealed = blob[:GCM_NONCE_LENGTH], blob[GCM_NONCE_LENGTH:]
-        with self.session() as session:
-            key = self._find_key_in(session, label)
-            self.stats.decrypt += 1
-            try:
-                return bytes(
-                    key.decrypt(
-                        sealed,
-                        mechanism=Mechanism.AES_GCM,
-                        mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
-                    )
-                )
-            except (
-                pkcs11_errors.EncryptedDataInvalid,
-                pkcs11_errors.EncryptedDataLenRange,
-                pkcs11_errors.FunctionFailed,
-                # SoftHSM2 2.6 reports a failed GCM tag check as CKR_GENERAL_ERROR.
-                pkcs11_errors.GeneralError,
-            ):
-                raise IntegrityError(
-                    f"a value wrapped by master key '{label}' failed authentication: "
-                    "the key record was changed or belongs to another key"
-                ) from None
+        with self.batch() as batch:
+            return batch.decrypt(label, blob, aad)
 
     def destroy_keys(self, label: str) -> int:
         """Destroy every secret key labelled ``label``.
@@ -516,6 +505,103 @@ class Hsm:
             self.token_label,
         )
         return len(found)
+
+
+class HsmBatch:
+    """Encrypt and decrypt calls in one session of an :class:`Hsm`, each key label looked up once.
+
+    Made by :meth:`Hsm.batch` and usable only inside its ``with`` block. The key
+    objects it finds are dropped when the block ends, so no key handle outlives
+    its session.
+    """
+
+    def __init__(self, hsm: Hsm, session: Any, generation: int) -> None:
+        self._hsm = hsm
+        self._session: Any = session
+        self._generation = generation
+        self._keys: dict[str, Any] = {}
+
+    def _close(self) -> None:
+        self._session = None
+        self._keys.clear()
+
+    def encrypt(self, label: str, plaintext: bytes, aad: bytes) -> bytes:
+        """Encrypt with the key ``label`` using AES-GCM inside the token.
+
+        :returns: ``nonce || ciphertext || tag``.
+        :raises KeyNotFoundError: if the key does not exist.
+        """
+
+        def seal(key: Any) -> bytes:
+            # Each call, the retry in _with_key included, gets a new nonce.
+            nonce = os.urandom(GCM_NONCE_LENGTH)
+            self._hsm.stats.encrypt += 1
+            sealed = key.encrypt(
+                plaintext,
+                mechanism=Mechanism.AES_GCM,
+                mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
+            )
+            return nonce + bytes(sealed)
+
+        return self._with_key(label, seal)
+
+    def decrypt(self, label: str, blob: bytes, aad: bytes) -> bytes:
+        """Decrypt ``nonce || ciphertext || tag`` with the key ``label`` inside the token.
+
+        :raises KeyNotFoundError: if the key does not exist.
+        :raises IntegrityError: if authentication fails.
+        """
+        if len(blob) < GCM_NONCE_LENGTH + GCM_TAG_BITS // 8:
+            raise IntegrityError(
+                f"wrapped value for key '{label}' is too short ({len(blob)} bytes)"
+            )
+        nonce, sealed = blob[:GCM_NONCE_LENGTH], blob[GCM_NONCE_LENGTH:]
+
+        def unseal(key: Any) -> bytes:
+            self._hsm.stats.decrypt += 1
+            try:
+                return bytes(
+                    key.decrypt(
+                        sealed,
+                        mechanism=Mechanism.AES_GCM,
+                        mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
+                    )
+                )
+            except (
+                pkcs11_errors.EncryptedDataInvalid,
+                pkcs11_errors.EncryptedDataLenRange,
+                pkcs11_errors.FunctionFailed,
+                # SoftHSM2 2.6 reports a failed GCM tag check as CKR_GENERAL_ERROR.
+                pkcs11_errors.GeneralError,
+            ):
+                raise IntegrityError(
+                    f"a value wrapped by master key '{label}' failed authentication: "
+                    "the key record was changed or belongs to another key"
+                ) from None
+
+        return self._with_key(label, unseal)
+
+    def _with_key(self, label: str, operation: Callable[[Any], bytes]) -> bytes:
+        if self._session is None:
+            raise RuntimeError("an HsmBatch is usable only inside its 'with' block")
+        if self._generation != _GENERATION[0]:
+            # C_Finalize ended the session and every handle found in it.
+            raise HsmUnavailableError(
+                f"the PKCS#11 module was re-initialized during a batch on token "
+                f"'{self._hsm.token_label}', which ended the batch's session; retry"
+            )
+        key = self._keys.get(label)
+        if key is None:
+            key = self._keys[label] = self._hsm._find_key_in(self._session, label)
+        try:
+            return operation(key)
+        except (pkcs11_errors.ObjectHandleInvalid, pkcs11_errors.KeyHandleInvalid):
+            # The key was destroyed, in another session or process, after this
+            # batch found it, so SoftHSM2 2.6 rejects its handle. Looking the label
+            # up again raises KeyNotFoundError, or finds the key that now has it.
+            del self._keys[label]
+            key = self._keys[label] = self._hsm._find_key_in(self._session, label)
+            return operation(key)
 
 
 _SESSION_LOST = (

@@ -74,6 +74,66 @@ def test_decrypt_rejects_other_aad(hsm: Hsm, label: str) -> None:
         hsm.decrypt(label, sealed, b"other")
 
 
+def test_batch_looks_label_up_once(hsm: Hsm, label: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    hsm.generate_master_key(label)
+    lookups: list[str] = []
+    find_key_in = Hsm._find_key_in
+
+    def counting(self: Hsm, session: object, name: str) -> object:
+        lookups.append(name)
+        return find_key_in(self, session, name)
+
+    monkeypatch.setattr(Hsm, "_find_key_in", counting)
+    encrypts, decrypts = hsm.stats.encrypt, hsm.stats.decrypt
+    with hsm.batch() as batch:
+        first = batch.encrypt(label, b"1" * 32, b"aad")
+        second = batch.encrypt(label, b"2" * 32, b"aad")
+        assert batch.decrypt(label, first, b"aad") == b"1" * 32
+        assert batch.decrypt(label, second, b"aad") == b"2" * 32
+        with pytest.raises(IntegrityError, match="failed authentication"):
+            batch.decrypt(label, first, b"other")
+
+    assert lookups == [label]
+    assert hsm.stats.encrypt - encrypts == 2
+    assert hsm.stats.decrypt - decrypts == 3
+
+
+def test_batch_missing_key(hsm: Hsm) -> None:
+    with hsm.batch() as batch, pytest.raises(KeyNotFoundError, match="no key labelled 'test/absent'"):
+        batch.encrypt("test/absent", b"k" * 32, b"aad")
+
+
+def test_batch_key_destroyed_meanwhile(hsm: Hsm, label: str) -> None:
+    hsm.generate_master_key(label)
+    with hsm.batch() as batch:
+        sealed = batch.encrypt(label, b"k" * 32, b"aad")
+        # Another session destroys the key that the batch has found already.
+        assert hsm.destroy_keys(label) == 1
+        with pytest.raises(KeyNotFoundError, match=f"no key labelled '{label}'"):
+            batch.decrypt(label, sealed, b"aad")
+        with pytest.raises(KeyNotFoundError, match=f"no key labelled '{label}'"):
+            batch.encrypt(label, b"k" * 32, b"aad")
+
+
+def test_batch_unusable_after_block(hsm: Hsm, label: str) -> None:
+    hsm.generate_master_key(label)
+    with hsm.batch() as batch:
+        batch.encrypt(label, b"k" * 32, b"aad")
+    with pytest.raises(RuntimeError, match="only inside its 'with' block"):
+        batch.encrypt(label, b"k" * 32, b"aad")
+
+
+def test_batch_after_reinitialization(hsm: Hsm, label: str) -> None:
+    hsm.generate_master_key(label)
+    with hsm.batch() as batch:
+        batch.encrypt(label, b"k" * 32, b"aad")
+        # Counting in a fresh session re-initializes the module, which ends the batch's session.
+        assert hsm.count_keys(label, fresh_session=True) == 1
+        with pytest.raises(HsmUnavailableError, match="re-initialized during a batch"):
+            batch.encrypt(label, b"k" * 32, b"aad")
+    assert hsm.decrypt(label, hsm.encrypt(label, b"k" * 32, b"aad"), b"aad") == b"k" * 32
+
+
 def test_find_missing_key(hsm: Hsm) -> None:
     with pytest.raises(KeyNotFoundError, match="no key labelled 'test/absent'"):
         hsm.find_key("test/absent")
