@@ -7,6 +7,9 @@ only then destroys the old versions. Data files are never read or written: the K
 the files' footers, stay the same. The cost is three HSM calls per KEK record
 (unwrap, wrap, and an unwrap that checks the new record) plus one key
 generation and one destruction per master key, whatever the size of the data.
+Records are rewrapped in batches of ``REWRAP_BATCH_RECORDS``, and each batch
+looks up each master key version it uses once, because a lookup by label scans
+the whole token in SoftHSM2 2.6.
 
 Phases, each safe to interrupt:
 
@@ -17,7 +20,8 @@ Phases, each safe to interrupt:
    the token by an interrupted phase 1 is reused.
 2. Each KEK record not wrapped under its current version is rewrapped and
    replaced atomically (a new file renamed over the old one). Until phase 3
-   ends both versions are in the token, so every record unwraps.
+   ends both versions are in the token, so every record unwraps. A failure
+   leaves the records of its batch unchanged.
 3. Under the table lock, records wrapped meanwhile are rewrapped, the old
    versions are destroyed and their absence is confirmed with a new session,
    and ``rotation_started_at`` is cleared.
@@ -57,6 +61,7 @@ from spark_kms.keylabels import (
 from spark_kms.keyring import ACTIVE, ERASED, KekRecord, KeyringStore, TableMetadata
 
 if TYPE_CHECKING:
+    from spark_kms.hsm import HsmBatch
     from spark_kms.keyservice import KeyService
 
 __all__ = ["RotationReport", "needs_rotation", "rotate_store", "rotation_due_at"]
@@ -65,6 +70,14 @@ log = logging.getLogger(__name__)
 
 # The entry of ``rotation_pending`` that stands for the table's own master key.
 TABLE_SCOPE = "table"
+
+# KEK records rewrapped per HSM batch. A larger batch makes fewer key lookups,
+# but holds the process-wide PKCS#11 call lock longer, and a failure in it
+# leaves more records for the next run to rewrap.
+REWRAP_BATCH_RECORDS = 256
+
+# A KEK record's master key label, version and partition folder after rotation.
+RewrapTarget = tuple[str, int, str | None]
 
 
 @dataclass
@@ -258,7 +271,7 @@ def _new_key_version(
 def _rewrap_records(service: KeyService, store: KeyringStore, table_id: str) -> tuple[int, int]:
     # Phase 2: returns the number of KEK records and of records rewrapped.
     meta = service.current_metadata(store, table_id)
-    current: dict[str | None, tuple[str, int, str | None]] = {
+    current: dict[str | None, RewrapTarget] = {
         None: (meta.master_key_label, meta.master_key_version, None)
     }
     erased: set[str] = set()
@@ -273,6 +286,7 @@ def _rewrap_records(service: KeyService, store: KeyringStore, table_id: str) -> 
             )
 
     total = rewrapped = 0
+    pending: list[tuple[KekRecord, RewrapTarget]] = []
     for kek_id in store.list_kek_ids():
         total += 1
         record = store.get_kek_record(kek_id)
@@ -286,19 +300,35 @@ def _rewrap_records(service: KeyService, store: KeyringStore, table_id: str) -> 
                 "from backup"
             )
         if record.master_key_label != target[0]:
-            _rewrap(service, store, meta, record, target)
-            rewrapped += 1
+            pending.append((record, target))
+        if len(pending) == REWRAP_BATCH_RECORDS:
+            rewrapped += _rewrap_batch(service, store, meta, pending)
+            pending = []
+    rewrapped += _rewrap_batch(service, store, meta, pending)
     return total, rewrapped
 
 
-def _rewrap(
+def _rewrap_batch(
     service: KeyService,
     store: KeyringStore,
     meta: TableMetadata,
-    record: KekRecord,
-    target: tuple[str, int, str | None],
-) -> None:
-    label, version, partition = target
+    pending: list[tuple[KekRecord, RewrapTarget]],
+) -> int:
+    # Every HSM call of the batch runs first, in one session, so that the
+    # PKCS#11 call lock is not held while the records are written.
+    if not pending:
+        return 0
+    rewrapped: list[bytes] = []
+    with service.hsm.batch() as batch:
+        for record, target in pending:
+            rewrapped.append(_rewrap(batch, meta, record, target[0]))
+    for (record, target), wrapped in zip(pending, rewrapped, strict=True):
+        _replace_record(service, store, meta, record, target, wrapped)
+    return len(rewrapped)
+
+
+def _rewrap(batch: HsmBatch, meta: TableMetadata, record: KekRecord, label: str) -> bytes:
+    # Returns the record's KEK wrapped under ``label``, checked to unwrap to the same KEK.
     aad = kek_aad(meta.table_id, record.kek_id)
     try:
         wrapped = base64.b64decode(record.wrapped_kek, validate=True)
@@ -307,22 +337,34 @@ def _rewrap(
             f"KEK record {record.kek_id} contains a wrapped key that is not valid base64"
         ) from None
     try:
-        kek = service.hsm.decrypt(record.master_key_label, wrapped, aad)
+        kek = batch.decrypt(record.master_key_label, wrapped, aad)
     except KeyNotFoundError:
         raise KeyNotFoundError(
             f"KEK record {record.kek_id} of table '{meta.table}' is wrapped by master key "
             f"{record.master_key_label}, which is missing from the token, so it cannot be "
             "rewrapped; restore the key or the record from backup"
         ) from None
-    rewrapped = service.hsm.encrypt(label, kek, aad)
+    rewrapped = batch.encrypt(label, kek, aad)
 
     # The old record is replaced only once the new one is known to unwrap to the same KEK.
-    if not hmac.compare_digest(service.hsm.decrypt(label, rewrapped, aad), kek):
+    if not hmac.compare_digest(batch.decrypt(label, rewrapped, aad), kek):
         raise IntegrityError(
             f"KEK record {record.kek_id} rewrapped under {label} did not unwrap to the same KEK; "
             "the record was left unchanged"
         )
     del kek
+    return rewrapped
+
+
+def _replace_record(
+    service: KeyService,
+    store: KeyringStore,
+    meta: TableMetadata,
+    record: KekRecord,
+    target: RewrapTarget,
+    rewrapped: bytes,
+) -> None:
+    label, version, partition = target
     store.replace_kek_record(
         replace(
             record,

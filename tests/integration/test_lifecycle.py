@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from spark_kms import rotation
 from spark_kms.audit import verify_chain
 from spark_kms.errors import (
     AccessDeniedError,
@@ -22,6 +23,7 @@ from spark_kms.errors import (
     TablePendingDeletionError,
     TableStateError,
 )
+from spark_kms.hsm import Hsm
 from spark_kms.keylabels import master_key_label
 from spark_kms.keyring import KeyringStore
 from spark_kms.keyservice import KeyService
@@ -112,6 +114,61 @@ def test_rotation_cost_follows_records(service: KeyService, make_table_name, tmp
     # One key generation and one destruction, then unwrap, wrap and check per record.
     assert costs[2] == 2 + 3 * 2
     assert costs[8] == 2 + 3 * 8
+
+
+def count_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the label of every key lookup in the token (C_FindObjects by label)."""
+    lookups: list[str] = []
+    find_key_in = Hsm._find_key_in
+
+    def counting(hsm: Hsm, session: object, label: str) -> object:
+        lookups.append(label)
+        return find_key_in(hsm, session, label)
+
+    monkeypatch.setattr(Hsm, "_find_key_in", counting)
+    return lookups
+
+
+def test_rotation_lookups_stay_constant(
+    service: KeyService, make_table_name, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    lookups = count_lookups(monkeypatch)
+    counts = {}
+    for jobs in (2, 20):
+        table = make_table_name(f"j{jobs}")
+        write_jobs(service, table, tmp_path / table, jobs=jobs, groups=["table"])
+        lookups.clear()
+        report = service.rotate_table(table)
+        assert report.records_rewrapped == jobs
+        counts[jobs] = len(lookups)
+    # The check that version 2 is new, then versions 1 and 2 once in the one batch.
+    assert counts[2] == 3
+    assert counts[20] == 3
+
+
+def test_rotation_in_several_batches(
+    service: KeyService, table_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    location = tmp_path / "t"
+    keks = write_jobs(service, table_name, location, jobs=10, groups=["table"])
+    monkeypatch.setattr(rotation, "REWRAP_BATCH_RECORDS", 4)
+    lookups = count_lookups(monkeypatch)
+    encrypts, decrypts = service.hsm.stats.encrypt, service.hsm.stats.decrypt
+
+    report = service.rotate_table(table_name)
+
+    assert report.records_rewrapped == 10
+    assert report.hsm_operations == 2 + 3 * 10
+    assert service.hsm.stats.encrypt - encrypts == 10
+    assert service.hsm.stats.decrypt - decrypts == 20
+    # Batches of 4, 4 and 2 records each look up versions 1 and 2.
+    assert len(lookups) == 1 + 3 * 2
+    assert {r["master_key_version"] for r in records(location).values()} == {2}
+    rewraps = [r for r in audit_of(service, table_name) if r["operation"] == "rewrap_kek"]
+    assert sorted(kek_id for r in rewraps for kek_id in r["kek_ids"]) == sorted(keks)
+    meta, store = service.open_table_for_read(str(location))
+    unwrapped = service.unwrap_keks(meta, store, keks)
+    assert all(unwrapped.kek(kek_id) == kek for kek_id, kek in keks.items())
 
 
 def test_interrupted_rotation_resumes(
