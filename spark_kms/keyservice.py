@@ -802,51 +802,65 @@ class KeyService:
         :raises IntegrityError: if a KEK record was changed.
         :raises KeyNotFoundError: if a KEK record is missing.
         """
-        keys: dict[str, bytes] = {}
+        records: list[KekRecord] = []
         for kek_id in sorted(set(kek_ids)):
             record = store.get_kek_record(kek_id)
             if record.table_id != meta.table_id:
                 raise IntegrityError(
                     f"KEK record {kek_id} belongs to table id {record.table_id}, not {meta.table_id}"
                 )
+            records.append(record)
+        # One HSM session for all records, so each master key version is looked
+        # up once. The audit records are written after the session ends.
+        outcomes: dict[str, bytes | SparkKmsError] = {}
+        with self.hsm.batch() as batch:
+            for record in records:
+                try:
+                    outcomes[record.kek_id] = batch.decrypt(
+                        record.master_key_label,
+                        _wrapped_bytes(record),
+                        kek_aad(meta.table_id, record.kek_id),
+                    )
+                except (KeyNotFoundError, IntegrityError) as error:
+                    outcomes[record.kek_id] = error
+
+        keys: dict[str, bytes] = {}
+        for record in records:
+            outcome = outcomes[record.kek_id]
             try:
-                keys[kek_id], record = self._unwrap_record(meta, store, record)
+                if isinstance(outcome, KeyNotFoundError):
+                    keys[record.kek_id], record = self._unwrap_rewrapped(meta, store, record)
+                elif isinstance(outcome, SparkKmsError):
+                    raise outcome
+                else:
+                    keys[record.kek_id] = outcome
             except KeyNotFoundError:
                 self._audit_unwrap(meta, store, record, "failed: master key missing", job_id)
                 self._raise_key_missing(meta, store, record)
             except IntegrityError:
                 self._audit_unwrap(meta, store, record, "failed: integrity", job_id)
                 raise IntegrityError(
-                    f"KEK record {kek_id} of table '{meta.table}' failed authentication in the HSM: "
-                    "the record was changed; restore it from backup"
+                    f"KEK record {record.kek_id} of table '{meta.table}' failed authentication "
+                    "in the HSM: the record was changed; restore it from backup"
                 ) from None
             self._audit_unwrap(meta, store, record, "ok", job_id)
         return JobKeys(keys)
 
-    def _unwrap_record(
+    def _unwrap_rewrapped(
         self, meta: TableMetadata, store: KeyringStore, record: KekRecord
     ) -> tuple[bytes, KekRecord]:
         # A rotation may rewrap the record and destroy its old master key
         # between reading the record and unwrapping it. The record is then
         # read again and unwrapped under the new version.
-        for attempt in range(2):
-            try:
-                wrapped = base64.b64decode(record.wrapped_kek, validate=True)
-            except ValueError:
-                raise IntegrityError(
-                    f"KEK record {record.kek_id} contains a wrapped key that is not valid base64"
-                ) from None
-            try:
-                kek = self.hsm.decrypt(
-                    record.master_key_label, wrapped, kek_aad(meta.table_id, record.kek_id)
-                )
-                return kek, record
-            except KeyNotFoundError:
-                again = store.get_kek_record(record.kek_id)
-                if attempt or again.master_key_label == record.master_key_label:
-                    raise
-                record = again
-        raise AssertionError("unreachable")
+        again = store.get_kek_record(record.kek_id)
+        if again.master_key_label == record.master_key_label:
+            raise KeyNotFoundError(
+                f"no key labelled '{record.master_key_label}' in token '{self.hsm.token_label}'"
+            )
+        kek = self.hsm.decrypt(
+            again.master_key_label, _wrapped_bytes(again), kek_aad(meta.table_id, again.kek_id)
+        )
+        return kek, again
 
     def _raise_key_missing(
         self, meta: TableMetadata, store: KeyringStore, record: KekRecord
@@ -1120,3 +1134,12 @@ def _check_new_location(table: str, store: KeyringStore) -> None:
             f"{len(existing)} Parquet file(s) that are not part of a spark_kms table "
             f"(for example {existing[0]}); write the table to an empty folder"
         )
+
+
+def _wrapped_bytes(record: KekRecord) -> bytes:
+    try:
+        return base64.b64decode(record.wrapped_kek, validate=True)
+    except ValueError:
+        raise IntegrityError(
+            f"KEK record {record.kek_id} contains a wrapped key that is not valid base64"
+        ) from None

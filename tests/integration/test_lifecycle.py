@@ -171,6 +171,25 @@ def test_rotation_in_several_batches(
     assert all(unwrapped.kek(kek_id) == kek for kek_id, kek in keks.items())
 
 
+def test_unwrap_looks_each_version_up_once(
+    service: KeyService, table_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    location = tmp_path / "t"
+    keks = write_jobs(service, table_name, location, jobs=6, groups=["table", "pii"])
+    meta, store = service.open_table_for_read(str(location))
+    lookups = count_lookups(monkeypatch)
+    decrypts = service.hsm.stats.decrypt
+
+    unwrapped = service.unwrap_keks(meta, store, keks, job_id="0123456789abcdef")
+
+    assert lookups == [meta.master_key_label]
+    assert service.hsm.stats.decrypt - decrypts == 12
+    assert all(unwrapped.kek(kek_id) == kek for kek_id, kek in keks.items())
+    unwraps = [r for r in audit_of(service, table_name) if r["operation"] == "unwrap_kek"]
+    assert sorted(kek_id for r in unwraps for kek_id in r["kek_ids"]) == sorted(keks)
+    assert {r["outcome"] for r in unwraps} == {"ok"}
+
+
 def test_interrupted_rotation_resumes(
     service: KeyService, table_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
