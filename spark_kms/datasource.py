@@ -10,7 +10,9 @@ Write: the driver mints one KEK per key group and persists the wrapped
 records, tasks write encrypted files into ``_spark_kms_staging/<job id>/``,
 and the driver commits all or nothing after checking that every staged file
 begins and ends with ``PARE``. Read: the driver unwraps each KEK that the
-table's files need once, and tasks decrypt one file each.
+table's files need once and groups the files into tasks (see
+:mod:`spark_kms.splits`). Each task checks in the keyring that the table was
+not erased since planning, then decrypts its files one after the other.
 
 A table partitioned with ``kms.partition_by`` is written in Hive-style folders,
 one master key per partition value (see :mod:`spark_kms.partitioning`). The
@@ -42,9 +44,24 @@ from pyspark.sql.datasource import (
 )
 from pyspark.sql.types import StructType
 
-from spark_kms.errors import CommitError, IntegrityError, InvalidOptionError, SparkKmsError
+from spark_kms.erasure import display_time
+from spark_kms.errors import (
+    CommitError,
+    IntegrityError,
+    InvalidOptionError,
+    SparkKmsError,
+    TableErasedError,
+    TablePendingDeletionError,
+)
 from spark_kms.jobkeys import JobKeys
-from spark_kms.keyring import CommitRecord, KeyringStore, TableMetadata, resolve_location
+from spark_kms.keyring import (
+    ERASED,
+    PENDING_DELETION,
+    CommitRecord,
+    KeyringStore,
+    TableMetadata,
+    resolve_location,
+)
 from spark_kms.keyservice import KeyService
 from spark_kms.options import TABLE_GROUP, WriteOptions, parse_write_options
 from spark_kms.parquet_crypto import (
@@ -754,13 +771,46 @@ class KmsParquetReader(DataSourceReader):
         assert isinstance(partition, KmsFilePartition)
         if not partition.files:
             return
+        erased = self._check_still_readable()
         # The paths are already resolved: resolving them again as URIs would
         # decode the %XX escapes of Hive-style partition folders.
         filesystem, _location = resolve_location(self.location)
         columns = [f.name for f in self.schema.fields if f.name != self.partition_by]
         nullable = {f.name: f.nullable for f in self.schema.fields}
         for file in partition.files:
+            folder = partition_of(file.path[len(self.location) + 1 :])
+            if folder in erased:
+                log.warning(
+                    "read job %s on table %s skips %s: its partition %s was erased",
+                    self.job_id,
+                    self.table,
+                    file.path,
+                    folder,
+                )
+                continue
             yield from self._read_file(file, filesystem, columns, nullable)
+
+    def _check_still_readable(self) -> set[str]:
+        """Raise if the table was erased or scheduled for deletion since planning.
+
+        Spark keeps the planned partitions, with their KEKs, on a DataFrame and
+        runs them again for its next action, so each task reads the table's
+        state from its keyring first. Returns the folders of erased partitions,
+        whose files the task skips as a new read would.
+
+        NOTE: the KEKs stay in the DataFrame's plan, in memory, until the
+        DataFrame is gone. Erasure cannot reach that copy; this check only
+        stops spark_kms's own tasks from using it.
+        """
+        store = KeyringStore(self.location)
+        meta = store.read_metadata()
+        if meta is None or meta.state == ERASED:
+            raise TableErasedError(self.table, "erased after this DataFrame was planned")
+        if meta.state == PENDING_DELETION:
+            raise TablePendingDeletionError(self.table, display_time(meta.deletion_due_at or ""))
+        if not self.partition_by:
+            return set()
+        return {r.folder for r in store.list_partition_records() if r.state == ERASED}
 
     def _read_file(
         self, file: KmsFile, filesystem: Any, columns: list[str], nullable: dict[str, bool]

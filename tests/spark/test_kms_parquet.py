@@ -380,6 +380,23 @@ def test_erasure_with_live_dataframe(spark: SparkSession, table_name: str, tmp_p
             frame.collect()
 
 
+def test_erasure_after_first_action(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
+    location = str(tmp_path / "t")
+    spark_kms.write_table(flights_like(spark, 50, 2), location, table=table_name)
+    frame = spark.read.format("kms_parquet").load(location)
+    filtered = frame.filter(F.col("flight") < 10)
+    assert frame.count() == 50
+    assert filtered.count() == 10
+
+    spark_kms.erase_table(spark, table_name)
+
+    # Spark reuses the partitions planned for the first action, KEKs included.
+    for reused in (frame, filtered):
+        with pytest.raises(TableErasedError, match=f"table '{table_name}' was crypto-erased"):
+            with spark_kms.typed_errors():
+                reused.collect()
+
+
 def test_read_of_plain_folder(spark: SparkSession, tmp_path: Path) -> None:
     spark.range(3).write.parquet(str(tmp_path / "plain"))
     with pytest.raises(TableNotFoundError, match="contains no spark_kms table"):

@@ -212,6 +212,40 @@ def test_partition_erasure_keeps_others(
         key_service.unwrap_keks(meta, store, erased_keks)
 
 
+def test_planned_read_after_partition_erasure(
+    spark: SparkSession, key_service: KeyService, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "t"
+    source = customers(spark)
+    spark_kms.write_table(source, str(location), table=table_name, partition_by="customer_id")
+    frame = spark.read.format("kms_parquet").load(str(location))
+    assert frame.count() == 600
+
+    key_service.erase_partition(table_name, "customer_id=42")
+
+    # Spark runs the partitions it planned for the first action again, KEKs
+    # included, so the tasks themselves must skip the erased partition.
+    expected = source.filter(F.col("customer_id") != 42)
+    assert frame.count() == expected.count()
+    assert_df_equality(expected, frame, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_planned_read_after_scheduled_deletion(
+    spark: SparkSession, key_service: KeyService, table_name: str, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "t")
+    spark_kms.write_table(customers(spark, 30, 1), location, table=table_name)
+    frame = spark.read.format("kms_parquet").load(location)
+    assert frame.count() == 30
+
+    schedule = key_service.schedule_deletion(table_name, days=3)
+
+    with pytest.raises(TablePendingDeletionError, match=f"scheduled for deletion on {schedule.due_at[:10]}"):
+        with spark_kms.typed_errors():
+            frame.collect()
+    key_service.cancel_deletion(table_name)
+
+
 def report_partition_id(store: KeyringStore, folder: str) -> str:
     return next(r.partition_id for r in store.list_partition_records() if r.folder == folder)
 
