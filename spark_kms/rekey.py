@@ -18,6 +18,11 @@ as they are.
    journal was written is finished the next time a job opens the table or a
    rekey runs.
 
+Files that a commit record lists as ``replaced`` (an overwrite failed to delete
+them) are not part of the table. The rekey does not rewrite them but deletes
+them if it can, and lists those it cannot delete as ``replaced`` in its own
+commit record, so that readers keep skipping them.
+
 Files of erased partitions cannot be decrypted and are left as they are.
 Files appended while the rekey runs keep their own, new KEKs.
 """
@@ -125,19 +130,27 @@ def rekey_table(
     finish_pending_rekey(service, store)
 
     job_id = uuid.uuid4().hex[:16]
-    tasks, old_commits, skipped = _plan(service, meta, store, job_id)
-    log.info("rekey job %s on table %s: %d file(s) to rewrite", job_id, table, len(tasks))
+    tasks, old_commits, replaced, skipped = _plan(service, meta, store, job_id)
+    log.info(
+        "rekey job %s on table %s: %d file(s) to rewrite, %d replaced file(s) to delete",
+        job_id,
+        table,
+        len(tasks),
+        len(replaced),
+    )
     if not tasks:
+        # The commit records that list the replaced files stay, so readers keep skipping them.
+        _delete_replaced(store, table, job_id, replaced)
         return RekeyReport(table, job_id, 0, 0, [], [], skipped, time.monotonic() - started)
 
     staging = f"{store.staging_root}/{job_id}"
     try:
         results = _run_job(spark, tasks, table, job_id, progress)
-        journal = _journal(store, meta, tasks, results, old_commits, job_id, staging)
+        journal = _journal(store, meta, tasks, results, old_commits, replaced, job_id, staging)
         with service.table_lock(table):
             service.check_writable(table, store.location)
             store.write_rekey_journal(journal)
-            removed = _apply_journal(service, store, journal)
+            removed = _apply_journal(service, store, journal, table)
     except BaseException:
         if store.read_rekey_journal() is None:
             _delete_dir(store, staging)
@@ -174,9 +187,10 @@ def rekey_table(
 
 def _plan(
     service: KeyService, meta: TableMetadata, store: KeyringStore, job_id: str
-) -> tuple[list[RekeyTask], list[CommitRecord], int]:
-    # Returns the tasks, the commit records whose files they replace, and the
-    # number of files skipped because their partition is erased.
+) -> tuple[list[RekeyTask], list[CommitRecord], list[str], int]:
+    # Returns the tasks and the commit records whose files they replace or
+    # delete. Also returns the files an overwrite replaced but did not delete,
+    # and the number of files skipped because their partition is erased.
     # Delta Lake's log names the data files, so renaming them would break the table.
     delta_log = store.filesystem.get_file_info(f"{store.location}/_delta_log")
     if delta_log.type != pafs.FileType.NotFound:
@@ -186,9 +200,15 @@ def _plan(
             "instead"
         )
     erased = set(service.erased_partitions(store.location)) if meta.partition_by else set()
+    records = store.list_commit_records()
+    # Readers skip the files that any commit record lists as replaced, so the
+    # rekey must not rewrite them under new names, which readers would not skip.
+    replaced_names = {name for record in records for name in record.replaced}
     files = store.list_data_files()
-    live = [name for name in files if partition_of(name) not in erased]
-    by_file = {name: record for record in store.list_commit_records() for name in record.files}
+    replaced = [name for name in files if name in replaced_names]
+    current = [name for name in files if name not in replaced_names]
+    live = [name for name in current if partition_of(name) not in erased]
+    by_file = {name: record for record in records for name in record.files}
     unknown = [name for name in live if name not in by_file]
     if unknown:
         raise IntegrityError(
@@ -243,10 +263,14 @@ def _plan(
                 column_keys=column_keys[name],
             )
         )
-    old_commits = sorted(
-        {by_file[name].job_id: by_file[name] for name in live}.values(), key=lambda r: r.job_id
-    )
-    return tasks, old_commits, len(files) - len(live)
+    # The records of replaced files go too, once their files are deleted,
+    # because the overwrite record that listed them is deleted with its files.
+    old_commits_by_id = {by_file[name].job_id: by_file[name] for name in live}
+    for record in records:
+        if any(name in replaced_names for name in record.files):
+            old_commits_by_id[record.job_id] = record
+    old_commits = sorted(old_commits_by_id.values(), key=lambda r: r.job_id)
+    return tasks, old_commits, replaced, len(current) - len(live)
 
 
 def _column_keys(store: KeyringStore, record: CommitRecord) -> dict[str, list[str]]:
@@ -363,6 +387,7 @@ def _journal(
     tasks: list[RekeyTask],
     results: list[tuple[str, str, int]],
     old_commits: list[CommitRecord],
+    replaced: list[str],
     job_id: str,
     staging: str,
 ) -> dict[str, Any]:
@@ -403,6 +428,7 @@ def _journal(
         "commits": [asdict(record) for record in layouts.values()],
         "old_commit_ids": [record.job_id for record in old_commits],
         "old_kek_ids": sorted({kek_id for record in old_commits for kek_id in record.kek_ids}),
+        "replaced": replaced,
     }
 
 
@@ -425,17 +451,22 @@ def finish_pending_rekey(service: KeyService, store: KeyringStore) -> list[str]:
             meta.table,
             journal.get("job_id"),
         )
-        return _apply_journal(service, store, journal)
+        return _apply_journal(service, store, journal, meta.table)
 
 
-def _apply_journal(service: KeyService, store: KeyringStore, journal: dict[str, Any]) -> list[str]:
+def _apply_journal(
+    service: KeyService, store: KeyringStore, journal: dict[str, Any], table: str
+) -> list[str]:
     # Every step can run again after a crash: called under the table lock.
     try:
+        job_id = str(journal["job_id"])
         commits = [CommitRecord(**record) for record in journal["commits"]]
         swaps = [(str(swap["old"]), str(swap["new"])) for swap in journal["swaps"]]
         staging = str(journal["staging"])
         old_commit_ids = [str(job) for job in journal["old_commit_ids"]]
         old_kek_ids = [str(kek_id) for kek_id in journal["old_kek_ids"]]
+        # Journals written before replaced files were handled have no such list.
+        replaced = [str(name) for name in journal.get("replaced", [])]
     except (KeyError, TypeError) as error:
         raise IntegrityError(
             f"the rekey journal {store.keyring}/rekey.json is not valid ({error}); restore the "
@@ -443,11 +474,18 @@ def _apply_journal(service: KeyService, store: KeyringStore, journal: dict[str, 
         ) from None
     filesystem = store.filesystem
 
-    # 1. New commit records first: a moved-in file is never without its KEKs.
+    # 1. Delete the files an overwrite replaced. Until step 4 deletes the old
+    #    commit records, those records keep readers away from them. Afterwards
+    #    the first new record lists the files that could not be deleted.
+    undeleted = _delete_replaced(store, table, job_id, replaced)
+    if commits:
+        commits[0].replaced = sorted(set(commits[0].replaced) | set(undeleted))
+
+    # 2. New commit records first: a moved-in file is never without its KEKs.
     for record in commits:
         store.put_commit_record(record)
 
-    # 2. Move each new file in, then delete the file it replaces.
+    # 3. Move each new file in, then delete the file it replaces.
     for old, new in swaps:
         staged, target = f"{staging}/{new}", f"{store.location}/{new}"
         if _exists(filesystem, staged) and not _exists(filesystem, target):
@@ -458,7 +496,7 @@ def _apply_journal(service: KeyService, store: KeyringStore, journal: dict[str, 
         else:
             log.error("rekey of %s: its new copy %s is missing; the old file is kept", old, new)
 
-    # 3. Old commit records: gone when none of their files remain, else narrowed.
+    # 4. Old commit records: gone when none of their files remain, else narrowed.
     existing = set(store.list_data_files())
     records = {record.job_id: record for record in store.list_commit_records()}
     for job in old_commit_ids:
@@ -478,7 +516,7 @@ def _apply_journal(service: KeyService, store: KeyringStore, journal: dict[str, 
             records[job] = replace(old_record, files=remaining, kek_ids=sorted(kept_ids))
             store.put_commit_record(records[job])
 
-    # 4. Old KEK records that no committed file needs any more.
+    # 5. Old KEK records that no committed file needs any more.
     needed = {kek_id for record in records.values() for kek_id in record.kek_ids}
     removed = [kek_id for kek_id in old_kek_ids if kek_id not in needed]
     for kek_id in removed:
@@ -486,6 +524,26 @@ def _apply_journal(service: KeyService, store: KeyringStore, journal: dict[str, 
     store.delete_rekey_journal()
     _delete_dir(store, staging)
     return removed
+
+
+def _delete_replaced(store: KeyringStore, table: str, job_id: str, names: list[str]) -> list[str]:
+    # Best effort: a file that cannot be deleted is logged and returned, not raised,
+    # because it is no longer part of the table.
+    undeleted = []
+    for name in names:
+        try:
+            _delete_file(store.filesystem, f"{store.location}/{name}")
+        except OSError as error:
+            log.warning(
+                "rekey job %s on table %s: failed to delete %s, which an overwrite replaced "
+                "(%s); readers skip it, delete it by hand",
+                job_id,
+                table,
+                name,
+                error,
+            )
+            undeleted.append(name)
+    return undeleted
 
 
 def _exists(filesystem: Any, path: str) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chispa import assert_df_equality
@@ -13,6 +15,7 @@ from pyspark.sql import functions as F
 
 import spark_kms
 from spark_kms import cli
+from spark_kms import rekey as rekey_module
 from spark_kms.errors import (
     IntegrityError,
     InvalidOptionError,
@@ -23,6 +26,7 @@ from spark_kms.keyring import KeyringStore
 from spark_kms.keyservice import KeyService
 from spark_kms.rekey import rekey_table
 from spark_kms.settings import KmsSettings
+from spark_kms.verify import verify_table
 from tests.helpers.independent_kms import read_with_independent_client
 
 
@@ -224,3 +228,89 @@ def test_rekey_rejects_delta_tables(
         rekey_table(spark, table_name, service=key_service)
 
     assert {p: p.read_bytes() for p in data_files(location)} == before
+
+
+def overwrite_leaving_old_files(
+    spark: SparkSession, table_name: str, location: Path
+) -> tuple[DataFrame, dict[Path, bytes]]:
+    """Overwrite a table and put the replaced files back, as if deleting them had failed."""
+    spark_kms.write_table(orders(spark, 200, 2), str(location), table=table_name, column_keys="pii: card")
+    replaced_files = {p: p.read_bytes() for p in data_files(location)}
+    replacement = orders(spark, 30, 1).withColumn("id", F.col("id") + 5_000)
+    spark_kms.write_table(
+        replacement, str(location), table=table_name, column_keys="pii: card", mode="overwrite"
+    )
+    for path, data in replaced_files.items():
+        path.write_bytes(data)
+    return replacement, replaced_files
+
+
+def test_rekey_drops_replaced_files(
+    spark: SparkSession, key_service: KeyService, table_name: str, tmp_path: Path
+) -> None:
+    location = tmp_path / "t"
+    replacement, replaced_files = overwrite_leaving_old_files(spark, table_name, location)
+
+    report = rekey_table(spark, table_name, service=key_service)
+
+    back = spark_kms.read_table(spark, str(location))
+    assert_df_equality(replacement, back, ignore_row_order=True, ignore_nullable=True)
+    native = spark_kms.read_parquet(spark, str(location))
+    assert_df_equality(replacement, native, ignore_row_order=True, ignore_nullable=True)
+
+    assert report.files == 1
+    assert report.rows == 30
+    assert not set(replaced_files) & set(data_files(location))
+    assert len(data_files(location)) == 1
+    store = KeyringStore(str(location))
+    assert [r.job_id for r in store.list_commit_records()] == [f"{report.job_id}-0"]
+    verified = verify_table(key_service, table_name)
+    assert verified.problems == []
+    assert verified.unrecorded_files == []
+
+
+def test_rekey_keeps_undeletable_replaced_files_out(
+    spark: SparkSession, key_service: KeyService, table_name: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    location = tmp_path / "t"
+    replacement, replaced_files = overwrite_leaving_old_files(spark, table_name, location)
+    undeletable = {str(path) for path in replaced_files}
+    delete_file = rekey_module._delete_file
+
+    def fail_on_replaced(filesystem: Any, path: str) -> None:
+        if path in undeletable:
+            raise PermissionError(13, "Permission denied", path)
+        delete_file(filesystem, path)
+
+    monkeypatch.setattr(rekey_module, "_delete_file", fail_on_replaced)
+    with caplog.at_level(logging.WARNING, logger="spark_kms.rekey"):
+        report = rekey_table(spark, table_name, service=key_service)
+    monkeypatch.undo()
+
+    assert report.files == 1
+    assert report.rows == 30
+    assert not (location / "_spark_kms" / "rekey.json").exists()
+    assert set(replaced_files) <= set(data_files(location))
+    for path in replaced_files:
+        assert any(
+            path.name in r.getMessage() and table_name in r.getMessage() for r in caplog.records
+        ), f"no warning names {path.name}"
+    store = KeyringStore(str(location))
+    rekey_record = next(r for r in store.list_commit_records() if r.mode == "rekey")
+    assert sorted(rekey_record.replaced) == sorted(p.name for p in replaced_files)
+    back = spark_kms.read_table(spark, str(location))
+    assert_df_equality(replacement, back, ignore_row_order=True, ignore_nullable=True)
+    native = spark_kms.read_parquet(spark, str(location))
+    assert_df_equality(replacement, native, ignore_row_order=True, ignore_nullable=True)
+    assert verify_table(key_service, table_name).problems == []
+
+    # A later rekey deletes the files and still leaves them out.
+    again = rekey_table(spark, table_name, service=key_service)
+    assert again.files == 1
+    assert not set(replaced_files) & set(data_files(location))
+    back = spark_kms.read_table(spark, str(location))
+    assert_df_equality(replacement, back, ignore_row_order=True, ignore_nullable=True)
+    native = spark_kms.read_parquet(spark, str(location))
+    assert_df_equality(replacement, native, ignore_row_order=True, ignore_nullable=True)
+    assert verify_table(key_service, table_name).problems == []
