@@ -12,6 +12,7 @@ This module never imports the HSM access: executors hold no HSM credentials.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -291,9 +292,17 @@ def match_column_paths(
     return resolved
 
 
+# Words of pyarrow's errors about a file's key metadata, whose text then quotes
+# the metadata and with it the wrapped DEK.
+_KEY_MATERIAL_ERROR = re.compile(r"key metadata|key material|wrapped(dek|kek)", re.IGNORECASE)
+
+
 def check_readable(error: BaseException, path: str) -> IntegrityError:
     """Return an :class:`IntegrityError` naming ``path`` for a failed decryption."""
+    detail = str(error)
+    if _KEY_MATERIAL_ERROR.search(detail):
+        detail = "the key metadata of the file is invalid (its text is left out: it contains wrapped keys)"
     return IntegrityError(
-        f"cannot decrypt {path}: {type(error).__name__}: {error}; the file is damaged, was changed, "
-        "or was written under keys this table does not hold"
+        f"cannot decrypt {path}: {type(error).__name__}: {detail}; the file is damaged, was "
+        "changed, or was written under keys this table does not hold"
     )

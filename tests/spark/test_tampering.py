@@ -18,6 +18,7 @@ import spark_kms
 from spark_kms.errors import IntegrityError
 from spark_kms.keyservice import KeyService
 from spark_kms.verify import verify_location
+from tests.helpers.secrets import find_secrets
 from tests.helpers.tables import (
     data_files,
     file_metadata,
@@ -198,3 +199,24 @@ def test_damaged_stored_schema(spark: SparkSession, written: Path) -> None:
         IntegrityError, match=f"schema stored in the keyring of table '{meta['table']}'"
     ):
         read_all(spark, written)
+
+
+@pytest.mark.parametrize("damage", ["brace", "quote"])
+def test_invalid_key_metadata_hides_dek(spark: SparkSession, written: Path, damage: str) -> None:
+    victim = data_files(written)[0]
+    start, length = key_material_range(victim)
+    material = victim.read_bytes()[start : start + length]
+    wrapped = json.loads(material)["wrappedDEK"]
+    if damage == "brace":
+        damaged = b"[" + material[1:]
+    else:
+        damaged = material.replace(b'"wrappedDEK":"', b'"wrappedDEK":x', 1)
+    replace_bytes(victim, material, damaged)
+
+    with pytest.raises(Exception, match=victim.name) as caught:
+        with spark_kms.typed_errors():
+            spark_kms.read_table(spark, str(written)).collect()
+    message = f"{caught.value}\n{caught.value!r}"
+    assert "key metadata of the file is invalid" in message
+    assert wrapped not in message
+    assert find_secrets(message, [base64.b64decode(wrapped)]) == []

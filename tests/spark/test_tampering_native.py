@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 import spark_kms
 from spark_kms.keyservice import KeyService
 from spark_kms.verify import verify_location
+from tests.helpers.secrets import find_secrets
 from tests.helpers.tables import (
     data_files,
     file_metadata,
@@ -102,3 +103,24 @@ def test_native_plaintext_file_planted(
     assert_read_fails_naming(spark, written, planted.name)
     problems = verify_location(key_service, str(written)).problems
     assert [p.name for p in problems] == [planted.name]
+
+
+@pytest.mark.parametrize("damage", ["brace", "quote"])
+def test_native_invalid_key_metadata_hides_dek(spark: SparkSession, written: Path, damage: str) -> None:
+    victim = data_files(written)[0]
+    start, length = key_material_range(victim)
+    material = victim.read_bytes()[start : start + length]
+    wrapped = json.loads(material)["wrappedDEK"]
+    if damage == "brace":
+        damaged = b"[" + material[1:]
+    else:
+        damaged = material.replace(b'"wrappedDEK":"', b'"wrappedDEK":x', 1)
+    replace_bytes(victim, material, damaged)
+
+    with pytest.raises(Exception, match=victim.name) as caught:
+        with spark_kms.typed_errors():
+            spark_kms.read_parquet(spark, str(written)).collect()
+    message = f"{caught.value}\n{caught.value!r}"
+    assert "key metadata of the file is invalid" in message
+    assert wrapped not in message
+    assert find_secrets(message, [base64.b64decode(wrapped)]) == []

@@ -2,8 +2,10 @@ package spark_kms.bridge;
 
 import java.io.IOException;
 import java.util.Optional;
+import java.util.regex.Pattern;
 import org.apache.hadoop.conf.Configuration;
 import org.apache.hadoop.fs.Path;
+import org.apache.parquet.crypto.DecryptionKeyRetriever;
 import org.apache.parquet.crypto.DecryptionPropertiesFactory;
 import org.apache.parquet.crypto.EncryptionPropertiesFactory;
 import org.apache.parquet.crypto.FileDecryptionProperties;
@@ -43,6 +45,10 @@ public final class KmsCryptoFactory
   static final String COLUMN_KEYS = PropertiesDrivenCryptoFactory.COLUMN_KEYS_PROPERTY_NAME;
   static final String UNIFORM_KEY = PropertiesDrivenCryptoFactory.UNIFORM_KEY_PROPERTY_NAME;
   static final int DEK_BITS = 256;
+
+  // Words of parquet-mr's errors about a file's key metadata, whose message then quotes it.
+  private static final Pattern KEY_MATERIAL_ERROR =
+      Pattern.compile("key metadata|key material|wrapped(dek|kek)", Pattern.CASE_INSENSITIVE);
 
   private final PropertiesDrivenCryptoFactory delegate = new PropertiesDrivenCryptoFactory();
 
@@ -95,9 +101,37 @@ public final class KmsCryptoFactory
         delegate.getFileDecryptionProperties(baseConfiguration(configuration), file);
     // PropertiesDrivenCryptoFactory accepts plaintext files. In a spark_kms table a plaintext
     // file is an error, so only its key retriever is kept.
+    DecryptionKeyRetriever retriever = allowingPlaintext.getKeyRetriever();
     return FileDecryptionProperties.builder()
-        .withKeyRetriever(allowingPlaintext.getKeyRetriever())
+        .withKeyRetriever(keyMetadata -> retrieveKey(retriever, keyMetadata, file))
         .build();
+  }
+
+  /**
+   * Returns the DEK for {@code keyMetadata}. parquet-mr's errors about invalid key metadata quote
+   * the metadata, wrapped DEK included, so they are replaced by an error without that text and
+   * without the original as its cause.
+   */
+  private static byte[] retrieveKey(
+      DecryptionKeyRetriever retriever, byte[] keyMetadata, Path file) {
+    try {
+      return retriever.getKey(keyMetadata);
+    } catch (RuntimeException error) {
+      String message = String.valueOf(error.getMessage());
+      if (!KEY_MATERIAL_ERROR.matcher(message).find()) {
+        throw error;
+      }
+      throw new ParquetCryptoRuntimeException(
+          Messages.error(
+              "IntegrityError",
+              "cannot decrypt "
+                  + file
+                  + ": "
+                  + error.getClass().getSimpleName()
+                  + ": the key metadata of the file is invalid (its text is left out: it contains"
+                  + " wrapped keys); the file is damaged, was changed, or was written under keys"
+                  + " this table does not hold"));
+    }
   }
 
   private static Optional<SparkKmsTable> tableOf(Path file, Configuration configuration) {
