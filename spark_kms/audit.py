@@ -9,8 +9,8 @@ versions and outcomes, never key bytes.
 Each record carries ``prev``, the SHA-256 of the previous line, so that a
 removed or edited line breaks the chain and :func:`verify_chain` finds it.
 The chain alone cannot show that lines were cut from the end, so every append
-also writes ``<log>.head`` with the number of lines and the hash of the last
-one. Appends from several processes on one host are serialized with ``flock``.
+also writes ``<log>.head`` with the number of lines, the hash of the last
+one and the log's size. Appends from several processes on one host are serialized with ``flock``.
 """
 
 from __future__ import annotations
@@ -73,11 +73,11 @@ class AuditLog:
             try:
                 record["prev"] = _last_line_hash(handle)
                 line = json.dumps(record, sort_keys=True).encode("utf-8")
-                handle.seek(0, os.SEEK_END)
+                size = handle.seek(0, os.SEEK_END)
                 handle.write(line + b"\n")
                 handle.flush()
                 os.fsync(handle.fileno())
-                self._advance_head(handle, line)
+                self._advance_head(handle, line, size)
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -128,17 +128,28 @@ class AuditLog:
                     continue
             yield record
 
-    def _advance_head(self, handle: Any, line: bytes) -> None:
-        # Called with the log locked, right after ``line`` was appended.
+    def _advance_head(self, handle: Any, line: bytes, size: int) -> None:
+        # Called with the log locked, after ``line`` was appended at offset ``size``.
+        # Lines past the head's size were appended by a process that stopped before
+        # its head update, so they are counted. A shrunk log keeps the old count.
         head = _read_head(self.path)
+        head_size = _read_head_size(self.path)
         if head is None:
             handle.seek(0)
             lines = sum(1 for _ in handle)
+        elif head_size is not None and 0 <= head_size < size:
+            handle.seek(head_size)
+            lines = head[0] + handle.read(size - head_size).count(b"\n") + 1
         else:
             lines = head[0] + 1
         temporary = f"{self.path}{HEAD_SUFFIX}.tmp"
         with open(temporary, "w", encoding="utf-8") as out:
-            json.dump({"lines": lines, "last": hashlib.sha256(line).hexdigest()}, out)
+            record = {
+                "lines": lines,
+                "last": hashlib.sha256(line).hexdigest(),
+                "size": size + len(line) + 1,
+            }
+            json.dump(record, out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.path + HEAD_SUFFIX)
@@ -169,6 +180,18 @@ def _read_head(path: str) -> tuple[int, str] | None:
     if not isinstance(lines, int) or isinstance(lines, bool) or not isinstance(last, str):
         return (-1, "")
     return lines, last
+
+
+def _read_head_size(path: str) -> int | None:
+    # The log's size in bytes after the append that the head records. Heads
+    # written before the size was stored have none.
+    try:
+        with open(path + HEAD_SUFFIX, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError):
+        return None
+    size = data.get("size") if isinstance(data, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def verify_chain(path: str) -> list[str]:

@@ -117,3 +117,34 @@ def test_parse_time_without_zone_is_utc() -> None:
     assert parse_time("2026-12-01") == datetime(2026, 12, 1, tzinfo=timezone.utc)
     with pytest.raises(ValueError):
         parse_time("yesterday")
+
+
+def test_stale_head_after_stopped_append(tmp_path: Path) -> None:
+    # A process that stops between its append and its head update leaves the
+    # head one line short; the next append must count that line.
+    path = tmp_path / "audit.log"
+    _filled_log(path, 3)
+    stale = (tmp_path / "audit.log.head").read_text()
+    AuditLog(str(path)).append("erase", table="t", outcome="ok")
+    (tmp_path / "audit.log.head").write_text(stale)
+    assert verify_chain(str(path)) == []
+
+    AuditLog(str(path)).append("erase", table="t", outcome="ok")
+
+    head = json.loads((tmp_path / "audit.log.head").read_text())
+    assert head["lines"] == 5
+    assert head["size"] == path.stat().st_size
+    assert verify_chain(str(path)) == []
+
+
+def test_cut_end_detected_after_append(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    _filled_log(path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-2]))
+
+    AuditLog(str(path)).append("erase", table="t", outcome="ok")
+
+    assert verify_chain(str(path)) == [
+        "the log has 4 line(s) but 6 were appended: lines were removed from its end"
+    ]
