@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,18 +27,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+import pyarrow.fs as pafs
+
 from spark_kms import bridge, delta_lake
 from spark_kms.errors import (
     ConfigurationError,
     IntegrityError,
     InvalidOptionError,
+    SparkKmsError,
     TableNotFoundError,
 )
 from spark_kms.jobkeys import JobKeys
-from spark_kms.keyring import CommitRecord, KeyringStore, TableMetadata
+from spark_kms.keyring import STAGING_DIR, CommitRecord, KeyringStore, TableMetadata
 from spark_kms.keyservice import KeyService, WriteKeys
 from spark_kms.options import TABLE_GROUP, parse_column_keys
 from spark_kms.spark import _service_of, typed_errors
+from spark_kms.staging import STALE_AFTER_SECONDS, clean_stale_staging
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -392,13 +397,19 @@ def write_parquet(
     """Write ``df`` with Spark's own Parquet writer into the spark_kms table at ``path``.
 
     The files are encrypted like those of ``format("kms_parquet")`` with the
-    same options, and the table stays readable by both paths.
+    same options, and the table stays readable by both paths. As with
+    kms_parquet, Spark writes them into the job's staging folder
+    ``_spark_kms_staging/<job id>/``, and only the commit, under the table
+    lock, moves them into the table. A write that fails before its commit
+    record is written removes its staging folder and changes no file of the
+    table.
 
     :param column_keys: ``group: column, column; group2: column``; every other
         column and the footer are under the table's KEK.
-    :param mode: ``append`` or ``overwrite``. Overwrite writes the new files,
-        then deletes the old ones, so that the table's keyring survives, which
-        Spark's own overwrite would delete. A reader in between reads both.
+    :param mode: ``append`` or ``overwrite``. Overwrite moves the new files in,
+        then deletes the files the table had at commit, so that the table's
+        keyring survives, which Spark's own overwrite would delete. A reader
+        in between reads both.
     :raises InvalidOptionError: for an invalid mode or column key, a schema
         that differs from the table's on append, or a Delta table at ``path``.
     :raises TableErasedError: if the table was erased.
@@ -415,40 +426,122 @@ def write_parquet(
         raise InvalidOptionError(
             f"{store.location} contains a Delta table; write it with spark_kms.write_delta"
         )
-    before = store.list_data_files()
-    if mode == "append" and meta.spark_schema and before:
+    _clean_stale_staging(store)
+    if mode == "append" and meta.spark_schema and store.list_data_files():
         _check_append_schema(meta, df.schema)
 
     job_id = uuid.uuid4().hex[:16]
-    with _block_keys(spark, meta.table):
-        with _writing(
-            spark,
-            service,
-            meta,
-            store,
-            schema=df.schema,
-            groups=groups,
-            delta_log_kek_id=None,
-            job_id=job_id,
-        ) as write:
-            with typed_errors():
-                df.write.mode("append").parquet(path)
-                files = sorted(set(store.list_data_files()) - set(before))
-                # Spark takes the row count from the footers, which needs the keys.
-                rows = spark.read.parquet(*(f"{path}/{f}" for f in files)).count() if files else 0
+    # Spark gets the path as the caller gave it, and pyarrow the store's normalized one.
+    spark_staging = f"{path.rstrip('/')}/{STAGING_DIR}/{job_id}"
+    staging = f"{store.staging_root}/{job_id}"
+    try:
+        with _block_keys(spark, meta.table):
+            with _writing(
+                spark,
+                service,
+                meta,
+                store,
+                schema=df.schema,
+                groups=groups,
+                delta_log_kek_id=None,
+                job_id=job_id,
+            ) as write:
+                with typed_errors():
+                    df.write.mode("append").parquet(spark_staging)
+                    files = _staged_files(store, staging)
+                    # Spark takes the row count from the footers, which needs the job's KEKs,
+                    # so it is read while they are loaded.
+                    paths = [f"{spark_staging}/{name}" for name in files]
+                    rows = spark.read.parquet(*paths).count() if paths else 0
+    except BaseException as error:
+        _abort_parquet_job(service, meta, store, staging=staging, job_id=job_id, error=error)
+        raise
     _commit_parquet(
         service,
         meta,
         store,
         job_id=job_id,
         mode=mode,
+        staging=staging,
         files=files,
         kek_ids=write.keys.key_ids,
         rows=rows,
         groups=groups,
-        previous=before if mode == "overwrite" else [],
         schema_json=df.schema.json(),
     )
+
+
+def _clean_stale_staging(store: KeyringStore) -> None:
+    # Like kms_parquet's writer, this removes or rolls forward the staged files
+    # of jobs whose driver died. A failure to clean them must not fail this write.
+    try:
+        clean_stale_staging(store)
+    except (OSError, SparkKmsError) as error:
+        log.warning("could not clean stale staging folders of %s: %s", store.location, error)
+
+
+def _staged_files(store: KeyringStore, staging: str) -> list[str]:
+    """Return the Parquet files in the job's staging folder, relative to it.
+
+    Spark's ``_SUCCESS`` marker and the hidden ``.crc`` checksum files that
+    Hadoop's local filesystem writes are skipped. They stay in the staging
+    folder and are deleted with it.
+    """
+    selector = pafs.FileSelector(staging, recursive=True, allow_not_found=True)
+    files = []
+    for info in store.filesystem.get_file_info(selector):
+        relative = info.path[len(staging) + 1 :]
+        if info.type != pafs.FileType.File or not relative.endswith(".parquet"):
+            continue
+        if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            continue
+        files.append(relative)
+    return sorted(files)
+
+
+def _abort_parquet_job(
+    service: KeyService,
+    meta: TableMetadata,
+    store: KeyringStore,
+    *,
+    staging: str,
+    job_id: str,
+    error: BaseException,
+) -> None:
+    """Remove the staging folder of a job that failed before its commit record was written."""
+    # NOTE: a task that Spark is still killing when the job fails may recreate
+    # the folder after this. Only the stale-staging cleanup removes it then.
+    _remove_staging(store, staging, job_id)
+    service.audit.append(
+        "abort",
+        table=meta.table,
+        outcome=f"failed: {type(error).__name__}",
+        job_id=job_id,
+        writer="spark",
+    )
+    log.warning(
+        "Spark's Parquet writer failed job %s on table %s (%s); its staged files were removed",
+        job_id,
+        meta.table,
+        type(error).__name__,
+    )
+
+
+def _remove_staging(store: KeyringStore, staging: str, job_id: str) -> None:
+    try:
+        store.filesystem.delete_dir(staging)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        # No reader looks into the staging folder, and the next write removes it once stale.
+        log.warning("job %s: failed to remove staging folder %s (%s)", job_id, staging, error)
+
+
+def _move_staged_files(store: KeyringStore, staging: str, files: list[str]) -> None:
+    for name in files:
+        if "/" in name:
+            store.filesystem.create_dir(f"{store.location}/{os.path.dirname(name)}")
+        store.filesystem.move(f"{staging}/{name}", f"{store.location}/{name}")
 
 
 def _commit_parquet(
@@ -458,34 +551,57 @@ def _commit_parquet(
     *,
     job_id: str,
     mode: str,
+    staging: str,
     files: list[str],
     kek_ids: list[str],
     rows: int,
     groups: Mapping[str, Sequence[str]],
-    previous: list[str],
     schema_json: str,
 ) -> None:
-    """Record a job of Spark's Parquet writer as kms_parquet records its own jobs.
+    """Record a job of Spark's Parquet writer and move its staged files into the table.
 
-    The commit record names the job's files and KEKs, so that kms_parquet
-    unwraps only the KEKs a read needs. On overwrite the files that were there
-    before are deleted now, after the new ones are in place.
+    As in kms_parquet's commit, the commit record is written first and names
+    the job's files and KEKs, so that kms_parquet unwraps only the KEKs a read
+    needs. If moving the files fails after that, the staging folder stays and
+    :func:`spark_kms.staging.clean_stale_staging` rolls the job forward. On
+    overwrite, the files the table had at commit are deleted after the new
+    ones are in place.
     """
     with service.table_lock(meta.table):
-        current, _ = service.check_writable(meta.table, store.location)
-        store.put_commit_record(
-            CommitRecord(
-                job_id=job_id,
-                committed_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                mode=mode,
-                files=files,
-                kek_ids=sorted(kek_ids),
-                rows=rows,
-                extra={"writer": "spark"},
-                column_keys={g: list(c) for g, c in groups.items()} or None,
-                replaced=previous,
+        try:
+            current, _ = service.check_writable(meta.table, store.location)
+            previous = store.list_data_files() if mode == "overwrite" else []
+            store.put_commit_record(
+                CommitRecord(
+                    job_id=job_id,
+                    committed_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    mode=mode,
+                    files=files,
+                    kek_ids=sorted(kek_ids),
+                    rows=rows,
+                    extra={"writer": "spark"},
+                    column_keys={g: list(c) for g, c in groups.items()} or None,
+                    replaced=previous,
+                )
             )
-        )
+        except BaseException as error:
+            _abort_parquet_job(service, meta, store, staging=staging, job_id=job_id, error=error)
+            raise
+        try:
+            _move_staged_files(store, staging, files)
+        except OSError as error:
+            log.error(
+                "job %s on table %s is committed, but moving its files from %s failed (%s); "
+                "the next write or 'spark-kms verify %s --repair' moves the rest into place once "
+                "the folder is untouched for %d s",
+                job_id,
+                meta.table,
+                staging,
+                error,
+                meta.table,
+                STALE_AFTER_SECONDS,
+            )
+            raise
         for name in previous:
             try:
                 store.filesystem.delete_file(f"{store.location}/{name}")
@@ -506,6 +622,8 @@ def _commit_parquet(
                 changed.spark_schema = schema_json
 
             service.update_metadata(store, meta.table_id, set_schema)
+    # What is left is Spark's _SUCCESS marker and checksum files.
+    _remove_staging(store, staging, job_id)
     service.audit.append(
         "commit",
         table=meta.table,
