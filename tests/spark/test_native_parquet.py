@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from spark_kms.errors import (
     KeyNotFoundError,
     TableErasedError,
 )
-from spark_kms.keyring import KeyringStore
+from spark_kms.keyring import STAGING_DIR, KeyringStore
 from spark_kms.keyservice import KeyService
 from spark_kms.localwrap import unwrap_key_locally
 from tests.helpers.native import (
@@ -317,3 +318,103 @@ def test_plaintext_file_in_table_rejected(
 
     with pytest.raises(Exception, match="plaintext file"):
         spark_kms.read_parquet(spark, str(location)).collect()
+
+
+def numbered(spark: SparkSession, start: int, count: int) -> DataFrame:
+    """Return rows ``start`` to ``start + count - 1``, each with its id as a tail number."""
+    return spark.range(start, start + count, numPartitions=2).select(
+        F.col("id"), F.concat(F.lit("N"), F.col("id").cast("string")).alias("tailnum")
+    )
+
+
+def staged_entries(location: Path) -> list[Path]:
+    return sorted((location / STAGING_DIR).glob("*"))
+
+
+@pytest.mark.parametrize("mode", ["append", "overwrite"])
+def test_failed_spark_job_changes_nothing(
+    spark: SparkSession, table_name: str, tmp_path: Path, mode: str
+) -> None:
+    location = tmp_path / "failed"
+    first = numbered(spark, 0, 100)
+    spark_kms.write_parquet(first, str(location), table=table_name)
+    files_before = {f.name: f.read_bytes() for f in parquet_files(location)}
+    jobs_before = [r.job_id for r in KeyringStore(str(location)).list_commit_records()]
+
+    # No type hints: Spark would take a hinted function for a pandas UDF.
+    @F.udf("long")
+    def reject_row_150(value):  # type: ignore[no-untyped-def]
+        if value == 150:
+            raise ValueError("row 150 is invalid")
+        return value
+
+    failing = numbered(spark, 100, 100).withColumn("id", reject_row_150("id"))
+    with pytest.raises(Exception, match="row 150 is invalid"):
+        spark_kms.write_parquet(failing, str(location), table=table_name, mode=mode)
+
+    # parquet_files also finds the files of a staging folder left behind.
+    assert {f.name: f.read_bytes() for f in parquet_files(location)} == files_before
+    assert staged_entries(location) == []
+    assert [r.job_id for r in KeyringStore(str(location)).list_commit_records()] == jobs_before
+    back = spark_kms.read_parquet(spark, str(location))
+    assert_df_equality(first, back, ignore_row_order=True, ignore_nullable=True)
+
+
+@pytest.mark.parametrize("mode", ["append", "overwrite"])
+def test_files_committed_meanwhile_not_counted(
+    spark: SparkSession, table_name: str, tmp_path: Path, mode: str
+) -> None:
+    location = tmp_path / "concurrent"
+    store = KeyringStore(str(location))
+    first = numbered(spark, 0, 100)
+    spark_kms.write_parquet(first, str(location), table=table_name)
+    first_files = set(store.list_data_files())
+    # Another job commits with kms_parquet. Its files wait outside the table
+    # folder until the native write's tasks move them in, as if it committed then.
+    other = numbered(spark, 1000, 50)
+    spark_kms.write_table(other, str(location), table=table_name)
+    other_files = set(store.list_data_files()) - first_files
+    assert other_files
+    waiting = tmp_path / "waiting"
+    waiting.mkdir()
+    for name in other_files:
+        os.replace(location / name, waiting / name)
+    jobs_before = {r.job_id for r in store.list_commit_records()}
+    # The other job's KEK is not loaded, as in another process.
+    spark_kms.release_keys(spark, str(location))
+
+    def commit_other_job(batches: Iterator[object]) -> Iterator[object]:
+        for name in other_files:
+            try:
+                os.replace(waiting / name, location / name)
+            except FileNotFoundError:
+                pass  # the other task moved it
+        yield from batches
+
+    native = numbered(spark, 500, 200).mapInPandas(
+        commit_other_job, schema="id long, tailnum string"
+    )
+    spark_kms.write_parquet(native, str(location), table=table_name, mode=mode)
+
+    assert sorted(p.name for p in waiting.iterdir()) == []
+    [record] = [r for r in store.list_commit_records() if r.job_id not in jobs_before]
+    assert record.mode == mode
+    assert record.rows == 200
+    assert record.files
+    assert set(record.files).isdisjoint(first_files | other_files)
+    assert staged_entries(location) == []
+    expected = numbered(spark, 500, 200)
+    if mode == "append":
+        assert set(store.list_data_files()) == first_files | other_files | set(record.files)
+        assert record.replaced == []
+        expected = first.unionByName(other).unionByName(expected)
+    else:
+        # The other job committed before the overwrite did, so it is replaced too.
+        assert set(store.list_data_files()) == set(record.files)
+        assert sorted(record.replaced) == sorted(first_files | other_files)
+    by_spark = spark_kms.read_parquet(spark, str(location))
+    assert_df_equality(expected, by_spark, ignore_row_order=True, ignore_nullable=True)
+    spark_kms.release_keys(spark, str(location))
+    by_kms_parquet = spark_kms.read_table(spark, str(location))
+    with spark_kms.typed_errors():
+        assert_df_equality(expected, by_kms_parquet, ignore_row_order=True, ignore_nullable=True)
