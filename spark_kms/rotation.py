@@ -20,8 +20,8 @@ Phases, each safe to interrupt:
    the token by an interrupted phase 1 is reused.
 2. Each KEK record not wrapped under its current version is rewrapped and
    replaced atomically (a new file renamed over the old one). Until phase 3
-   ends both versions are in the token, so every record unwraps. A failure
-   leaves the records of its batch unchanged.
+   ends both versions are in the token, so every record unwraps. A failed
+   record leaves itself and the records after it in its batch unchanged.
 3. Under the table lock, records wrapped meanwhile are rewrapped, the old
    versions are destroyed and their absence is confirmed with a new session,
    and ``rotation_started_at`` is cleared.
@@ -46,6 +46,7 @@ from spark_kms.errors import (
     HsmUnavailableError,
     IntegrityError,
     KeyNotFoundError,
+    PartitionErasedError,
     SparkKmsError,
     TableErasedError,
     TableNotFoundError,
@@ -72,8 +73,7 @@ log = logging.getLogger(__name__)
 TABLE_SCOPE = "table"
 
 # KEK records rewrapped per HSM batch. A larger batch makes fewer key lookups,
-# but holds the process-wide PKCS#11 call lock longer, and a failure in it
-# leaves more records for the next run to rewrap.
+# but holds the process-wide PKCS#11 call lock longer.
 REWRAP_BATCH_RECORDS = 256
 
 # A KEK record's master key label, version and partition folder after rotation.
@@ -319,12 +319,39 @@ def _rewrap_batch(
     if not pending:
         return 0
     rewrapped: list[bytes] = []
+    failure: SparkKmsError | None = None
     with service.hsm.batch() as batch:
         for record, target in pending:
-            rewrapped.append(_rewrap(batch, meta, record, target[0]))
-    for (record, target), wrapped in zip(pending, rewrapped, strict=True):
+            try:
+                rewrapped.append(_rewrap(batch, meta, record, target[0]))
+            except (KeyNotFoundError, IntegrityError) as error:
+                failure = error
+                break
+    # The records rewrapped before a failure are kept, so a rerun has less to do.
+    for (record, target), wrapped in zip(pending, rewrapped, strict=False):
         _replace_record(service, store, meta, record, target, wrapped)
+    if failure is not None:
+        record = pending[len(rewrapped)][0]
+        if isinstance(failure, KeyNotFoundError):
+            _raise_if_erased(store, meta, record)
+        raise failure
     return len(rewrapped)
+
+
+def _raise_if_erased(store: KeyringStore, meta: TableMetadata, record: KekRecord) -> None:
+    # A master key that went missing during the rotation was usually destroyed
+    # by an erasure of the table or of the record's partition.
+    current = store.read_metadata()
+    if current is None or current.state == ERASED:
+        raise TableErasedError(meta.table, "erased during the rotation")
+    if record.partition_id is not None:
+        partition = store.get_partition_record(record.partition_id)
+        if partition is not None and partition.state == ERASED:
+            raise PartitionErasedError(
+                meta.table,
+                partition.folder,
+                "erased during the rotation; run the rotation again to rotate the others",
+            )
 
 
 def _rewrap(batch: HsmBatch, meta: TableMetadata, record: KekRecord, label: str) -> bytes:
@@ -338,6 +365,11 @@ def _rewrap(batch: HsmBatch, meta: TableMetadata, record: KekRecord, label: str)
         ) from None
     try:
         kek = batch.decrypt(record.master_key_label, wrapped, aad)
+    except IntegrityError:
+        raise IntegrityError(
+            f"KEK record {record.kek_id} of table '{meta.table}' failed authentication in the "
+            "HSM: the record was changed; restore it from backup, then run the rotation again"
+        ) from None
     except KeyNotFoundError:
         raise KeyNotFoundError(
             f"KEK record {record.kek_id} of table '{meta.table}' is wrapped by master key "

@@ -3,6 +3,7 @@ partition master keys and erasure, the access policy and the audit trail."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,6 +17,7 @@ from spark_kms.audit import verify_chain
 from spark_kms.errors import (
     AccessDeniedError,
     HsmUnavailableError,
+    IntegrityError,
     InvalidOptionError,
     PartitionErasedError,
     PartitionNotFoundError,
@@ -169,6 +171,48 @@ def test_rotation_in_several_batches(
     meta, store = service.open_table_for_read(str(location))
     unwrapped = service.unwrap_keks(meta, store, keks)
     assert all(unwrapped.kek(kek_id) == kek for kek_id, kek in keks.items())
+
+
+def test_rotation_names_tampered_record(service: KeyService, table_name: str, tmp_path: Path) -> None:
+    location = tmp_path / "t"
+    keks = write_jobs(service, table_name, location, jobs=6, groups=["table"])
+    store = KeyringStore(str(location))
+    order = store.list_kek_ids()
+    victim = location / "_spark_kms" / "keks" / f"{order[3]}.json"
+    original = victim.read_text()
+    record = json.loads(original)
+    wrapped = bytearray(base64.b64decode(record["wrapped_kek"]))
+    wrapped[-1] ^= 0x01
+    record["wrapped_kek"] = base64.b64encode(bytes(wrapped)).decode()
+    victim.write_text(json.dumps(record))
+
+    with pytest.raises(IntegrityError, match=f"KEK record {order[3]} of table '{table_name}' failed authentication"):
+        service.rotate_table(table_name)
+
+    # The records before the tampered one are rewrapped, the others are not yet.
+    versions = {kek_id: r["master_key_version"] for kek_id, r in records(location).items()}
+    assert [versions[kek_id] for kek_id in order] == [2, 2, 2, 1, 1, 1]
+    victim.write_text(original)
+    report = service.rotate_table(table_name)
+    assert report.records_rewrapped == 3
+    assert {r["master_key_version"] for r in records(location).values()} == {2}
+    meta, store = service.open_table_for_read(str(location))
+    unwrapped = service.unwrap_keks(meta, store, keks)
+    assert all(unwrapped.kek(kek_id) == kek for kek_id, kek in keks.items())
+
+
+def test_missing_key_after_erasure_named(service: KeyService, table_name: str, tmp_path: Path) -> None:
+    # A rotation whose master key disappears reports the erasure that destroyed it.
+    location = tmp_path / "t"
+    keks = write_jobs(service, table_name, location, jobs=1, groups=["table"])
+    meta, store = service.open_table_for_read(str(location))
+    record = store.get_kek_record(next(iter(keks)))
+    rotation._raise_if_erased(store, meta, record)
+
+    service.erase_table(table_name)
+
+    with pytest.raises(TableErasedError, match="erased during the rotation"):
+        rotation._raise_if_erased(store, meta, record)
 
 
 def test_unwrap_looks_each_version_up_once(
