@@ -52,6 +52,7 @@ from spark_kms.errors import (
     SparkKmsError,
     TableErasedError,
     TablePendingDeletionError,
+    TableStateError,
 )
 from spark_kms.jobkeys import JobKeys
 from spark_kms.keyring import (
@@ -834,6 +835,12 @@ class KmsParquetReader(DataSourceReader):
                 if partition_field is not None:
                     batch = self._with_partition_column(batch, *partition_field)
                 yield _with_nullability(_timestamps_in_utc(batch), nullable)
+        except FileNotFoundError:
+            # Spark reruns the files it planned for a DataFrame's first action.
+            raise TableStateError(
+                f"file {file.path} of table '{self.table}' no longer exists: an overwrite "
+                "or a rekey replaced it after this DataFrame was planned; read the table again"
+            ) from None
         except (SparkKmsError, OSError, pa.ArrowException) as error:
             raise check_readable(error, file.path) from None
 

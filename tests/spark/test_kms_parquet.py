@@ -21,6 +21,7 @@ from spark_kms.errors import (
     SparkKmsError,
     TableErasedError,
     TableNotFoundError,
+    TableStateError,
 )
 from spark_kms.keyservice import KeyService
 from spark_kms.settings import KmsSettings
@@ -395,6 +396,19 @@ def test_erasure_after_first_action(spark: SparkSession, table_name: str, tmp_pa
         with pytest.raises(TableErasedError, match=f"table '{table_name}' was crypto-erased"):
             with spark_kms.typed_errors():
                 reused.collect()
+
+
+def test_reused_dataframe_after_overwrite(spark: SparkSession, table_name: str, tmp_path: Path) -> None:
+    location = str(tmp_path / "t")
+    spark_kms.write_table(flights_like(spark, 50, 2), location, table=table_name)
+    frame = spark.read.format("kms_parquet").load(location)
+    assert frame.count() == 50
+    spark_kms.write_table(flights_like(spark, 10, 1), location, table=table_name, mode="overwrite")
+
+    with pytest.raises(TableStateError, match="no longer exists: an overwrite or a rekey replaced it"):
+        with spark_kms.typed_errors():
+            frame.collect()
+    assert spark.read.format("kms_parquet").load(location).count() == 10
 
 
 def test_read_of_plain_folder(spark: SparkSession, tmp_path: Path) -> None:
