@@ -76,3 +76,20 @@ def replace_bytes(path: Path, old: bytes, new: bytes) -> None:
     assert len(old) == len(new)
     assert data.count(old) == 1
     path.write_bytes(data.replace(old, new))
+
+
+def damage_key_material(path: Path, damage: str) -> str:
+    """Make the footer key material JSON of ``path`` invalid; return its wrapped DEK.
+
+    ``damage`` is ``brace`` (the JSON object opens with ``[``) or ``quote``
+    (the wrapped DEK's opening quote is replaced).
+    """
+    start, length = key_material_range(path)
+    material = path.read_bytes()[start : start + length]
+    wrapped: str = json.loads(material)["wrappedDEK"]
+    if damage == "brace":
+        damaged = b"[" + material[1:]
+    else:
+        damaged = material.replace(b'"wrappedDEK":"', b'"wrappedDEK":x', 1)
+    replace_bytes(path, material, damaged)
+    return wrapped

@@ -22,6 +22,7 @@ from spark_kms.errors import (
 )
 from spark_kms.hsm import Hsm
 from spark_kms.settings import KmsSettings
+from tests.helpers.hsm_lookups import count_lookups
 
 
 def _open(settings: KmsSettings, **changes: str) -> Hsm:
@@ -76,14 +77,7 @@ def test_decrypt_rejects_other_aad(hsm: Hsm, label: str) -> None:
 
 def test_batch_looks_label_up_once(hsm: Hsm, label: str, monkeypatch: pytest.MonkeyPatch) -> None:
     hsm.generate_master_key(label)
-    lookups: list[str] = []
-    find_key_in = Hsm._find_key_in
-
-    def counting(self: Hsm, session: object, name: str) -> object:
-        lookups.append(name)
-        return find_key_in(self, session, name)
-
-    monkeypatch.setattr(Hsm, "_find_key_in", counting)
+    lookups = count_lookups(monkeypatch)
     encrypts, decrypts = hsm.stats.encrypt, hsm.stats.decrypt
     with hsm.batch() as batch:
         first = batch.encrypt(label, b"1" * 32, b"aad")

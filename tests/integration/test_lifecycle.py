@@ -25,12 +25,12 @@ from spark_kms.errors import (
     TablePendingDeletionError,
     TableStateError,
 )
-from spark_kms.hsm import Hsm
 from spark_kms.keylabels import master_key_label
 from spark_kms.keyring import KeyringStore
 from spark_kms.keyservice import KeyService
 from spark_kms.partitioning import partition_folder
 from spark_kms.settings import KmsSettings
+from tests.helpers.hsm_lookups import count_lookups
 from tests.helpers.secrets import find_secrets
 
 
@@ -116,19 +116,6 @@ def test_rotation_cost_follows_records(service: KeyService, make_table_name, tmp
     # One key generation and one destruction, then unwrap, wrap and check per record.
     assert costs[2] == 2 + 3 * 2
     assert costs[8] == 2 + 3 * 8
-
-
-def count_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the label of every key lookup in the token (C_FindObjects by label)."""
-    lookups: list[str] = []
-    find_key_in = Hsm._find_key_in
-
-    def counting(hsm: Hsm, session: object, label: str) -> object:
-        lookups.append(label)
-        return find_key_in(hsm, session, label)
-
-    monkeypatch.setattr(Hsm, "_find_key_in", counting)
-    return lookups
 
 
 def test_rotation_lookups_stay_constant(

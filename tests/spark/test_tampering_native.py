@@ -20,6 +20,7 @@ from spark_kms.keyservice import KeyService
 from spark_kms.verify import verify_location
 from tests.helpers.secrets import find_secrets
 from tests.helpers.tables import (
+    damage_key_material,
     data_files,
     file_metadata,
     flip_byte,
@@ -108,14 +109,7 @@ def test_native_plaintext_file_planted(
 @pytest.mark.parametrize("damage", ["brace", "quote"])
 def test_native_invalid_key_metadata_hides_dek(spark: SparkSession, written: Path, damage: str) -> None:
     victim = data_files(written)[0]
-    start, length = key_material_range(victim)
-    material = victim.read_bytes()[start : start + length]
-    wrapped = json.loads(material)["wrappedDEK"]
-    if damage == "brace":
-        damaged = b"[" + material[1:]
-    else:
-        damaged = material.replace(b'"wrappedDEK":"', b'"wrappedDEK":x', 1)
-    replace_bytes(victim, material, damaged)
+    wrapped = damage_key_material(victim, damage)
 
     with pytest.raises(Exception, match=victim.name) as caught:
         with spark_kms.typed_errors():
