@@ -64,8 +64,11 @@ TABLE_STATES = (ACTIVE, PENDING_DELETION, ERASED)
 def resolve_location(path: str) -> tuple[pafs.FileSystem, str]:
     """Return the filesystem and the normalized path for a table location.
 
-    A path without a scheme is a local path and is made absolute.
+    A path without a scheme is a local path and is made absolute, and so is
+    Hadoop's ``file:/path`` spelling.
     """
+    if path.startswith("file:") and not path.startswith("file://"):
+        path = path[len("file:") :]
     if "://" not in path:
         path = os.path.abspath(path)
     try:

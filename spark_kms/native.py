@@ -41,6 +41,7 @@ from spark_kms.jobkeys import JobKeys
 from spark_kms.keyring import STAGING_DIR, CommitRecord, KeyringStore, TableMetadata
 from spark_kms.keyservice import KeyService, WriteKeys
 from spark_kms.options import TABLE_GROUP, parse_column_keys
+from spark_kms.parquet_crypto import is_encrypted_file
 from spark_kms.spark import _service_of, typed_errors
 from spark_kms.staging import STALE_AFTER_SECONDS, clean_stale_staging
 
@@ -429,10 +430,11 @@ def write_parquet(
     _clean_stale_staging(store)
     if mode == "append" and meta.spark_schema and store.list_data_files():
         _check_append_schema(meta, df.schema)
+    if mode == "append":
+        groups = _append_groups(meta.table, store, groups, column_keys is not None)
 
     job_id = uuid.uuid4().hex[:16]
-    # Spark gets the path as the caller gave it, and pyarrow the store's normalized one.
-    spark_staging = f"{path.rstrip('/')}/{STAGING_DIR}/{job_id}"
+    spark_staging = f"{_spark_location(path, store)}/{STAGING_DIR}/{job_id}"
     staging = f"{store.staging_root}/{job_id}"
     try:
         with _block_keys(spark, meta.table):
@@ -449,6 +451,7 @@ def write_parquet(
                 with typed_errors():
                     df.write.mode("append").parquet(spark_staging)
                     files = _staged_files(store, staging)
+                    _check_staged_encrypted(store, staging, files)
                     # Spark takes the row count from the footers, which needs the job's KEKs,
                     # so it is read while they are loaded.
                     paths = [f"{spark_staging}/{name}" for name in files]
@@ -478,6 +481,52 @@ def _clean_stale_staging(store: KeyringStore) -> None:
         clean_stale_staging(store)
     except (OSError, SparkKmsError) as error:
         log.warning("could not clean stale staging folders of %s: %s", store.location, error)
+
+
+def _spark_location(path: str, store: KeyringStore) -> str:
+    """Return the table location to give Spark: the folder that pyarrow resolved.
+
+    Spark resolves a relative path against the JVM's working folder and pyarrow
+    against this process's, which differ after ``os.chdir``. So Spark gets the
+    absolute location of a local table, and other URIs as the caller gave them.
+    """
+    if isinstance(store.filesystem, pafs.LocalFileSystem):
+        return f"file://{store.location}"
+    return path.rstrip("/")
+
+
+def _check_staged_encrypted(store: KeyringStore, staging: str, files: list[str]) -> None:
+    # The bridge encrypts every file written inside a table, and a file it did
+    # not (a staging folder it failed to recognize) must never be committed.
+    for name in files:
+        if not is_encrypted_file(store.filesystem, f"{staging}/{name}"):
+            raise IntegrityError(
+                f"staged file {name} is not in encrypted footer mode (magic PARE); "
+                "the job is aborted and nothing was committed"
+            )
+
+
+def _append_groups(
+    table: str, store: KeyringStore, groups: dict[str, list[str]], given: bool
+) -> dict[str, list[str]]:
+    # An append keeps the column-key layout of the table's last write, as a
+    # kms_parquet append does, so that no column moves under another key.
+    stored = next(
+        (r.column_keys for r in reversed(store.list_commit_records()) if r.column_keys is not None),
+        None,
+    )
+    if stored is None:
+        return groups
+    if not given:
+        return {g: list(c) for g, c in stored.items()}
+    if {g: sorted(c) for g, c in groups.items()} != {g: sorted(c) for g, c in stored.items()}:
+        layout = "; ".join(f"{g}: {', '.join(c)}" for g, c in stored.items()) or "(none)"
+        raise InvalidOptionError(
+            f"cannot append to table '{table}' with other column keys: its files keep "
+            f"column_keys '{layout}'; pass the same column keys, leave them out to use the "
+            "table's, or rewrite the table with mode='overwrite'"
+        )
+    return groups
 
 
 def _staged_files(store: KeyringStore, staging: str) -> list[str]:
@@ -681,9 +730,10 @@ def read_parquet(spark: SparkSession, path: str) -> DataFrame:
     keys = _unwrap_missing(spark, service, meta, store, _kek_ids_for_files(store, files), job_id)
     bridge.load_keys(spark, keys)
     log.info("read job %s on table %s: %d KEK(s) unwrapped", job_id, meta.table, len(keys))
+    location = _spark_location(path, store)
     with typed_errors():
         if not stale:
-            return spark.read.parquet(path)
+            return spark.read.parquet(location)
         # An overwrite whose deletes failed left old files in the folder: they
         # are no longer part of the table, so only the others are read.
         log.warning(
@@ -696,7 +746,9 @@ def read_parquet(spark: SparkSession, path: str) -> DataFrame:
         )
         if not files:
             return spark.createDataFrame([], _stored_schema(meta, required=True))
-        return spark.read.option("basePath", path).parquet(*(f"{path}/{n}" for n in files))
+        return spark.read.option("basePath", location).parquet(
+            *(f"{location}/{n}" for n in files)
+        )
 
 
 def write_delta(

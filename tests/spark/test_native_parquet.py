@@ -144,6 +144,40 @@ def test_parquet_overwrite_skips_undeleted_files(
     assert by_kms_parquet.count() == 100
 
 
+def test_parquet_relative_path_after_chdir(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The JVM keeps its own working folder, so Spark and pyarrow would resolve
+    # a relative path to different folders without the absolute location.
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    small = flights.limit(50)
+    spark_kms.write_parquet(small, "relative", table=table_name)
+
+    files = parquet_files(tmp_path / "work" / "relative")
+    assert len(files) >= 1
+    assert all(magic_of(f) == (b"PARE", b"PARE") for f in files)
+    back = spark_kms.read_parquet(spark, "relative")
+    assert_df_equality(small, back, ignore_row_order=True, ignore_nullable=True)
+    spark_kms.write_parquet(small, f"file:{tmp_path}/work/relative", table=table_name, mode="overwrite")
+    assert spark_kms.read_parquet(spark, "relative").count() == 50
+
+
+def test_parquet_append_keeps_column_keys(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "keys")
+    small = flights.limit(20)
+    spark_kms.write_parquet(small, location, table=table_name, column_keys="pii: tailnum")
+    spark_kms.write_parquet(small, location, table=table_name, mode="append")
+
+    with pytest.raises(InvalidOptionError, match="with other column keys: its files keep column_keys 'pii: tailnum'"):
+        spark_kms.write_parquet(small, location, table=table_name, column_keys="other: origin", mode="append")
+    layouts = [r.column_keys for r in KeyringStore(location).list_commit_records()]
+    assert layouts == [{"pii": ["tailnum"]}, {"pii": ["tailnum"]}]
+    assert spark_kms.read_parquet(spark, location).count() == 40
+
+
 def test_append_with_other_schema_rejected(
     spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
 ) -> None:
