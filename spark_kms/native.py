@@ -746,9 +746,7 @@ def read_parquet(spark: SparkSession, path: str) -> DataFrame:
         )
         if not files:
             return spark.createDataFrame([], _stored_schema(meta, required=True))
-        return spark.read.option("basePath", location).parquet(
-            *(f"{location}/{n}" for n in files)
-        )
+        return spark.read.option("basePath", location).parquet(*(f"{location}/{n}" for n in files))
 
 
 def write_delta(
@@ -796,12 +794,13 @@ def write_delta(
 
     from delta.tables import DeltaTable
 
+    location = _spark_location(path, store)
     job_id = uuid.uuid4().hex[:16]
     with _block_keys(spark, meta.table):
         log_kek_id = _load_delta_log_kek(spark, service, meta, store, job_id)
-        exists = DeltaTable.isDeltaTable(spark, path)
+        exists = DeltaTable.isDeltaTable(spark, location)
         before = delta_lake.active_files(spark, store) if exists else set()
-        properties = delta_lake.table_properties(spark, path) if exists else {}
+        properties = delta_lake.table_properties(spark, location) if exists else {}
         groups = _delta_groups(
             meta.table,
             properties.get(delta_lake.COLUMN_KEYS_PROPERTY) if exists else None,
@@ -822,16 +821,18 @@ def write_delta(
             with typed_errors():
                 writer = df.write.format("delta").mode(mode).options(**dict(options or {}))
                 if exists:
-                    delta_lake.repair_properties(spark, path, meta.table, properties)
+                    delta_lake.repair_properties(spark, location, meta.table, properties)
                 else:
                     writer = writer.options(**delta_lake.TABLE_PROPERTIES)
                 if partition_by:
                     writer = writer.partitionBy(*partition_by)
-                writer.save(path)
+                writer.save(location)
                 if delta_lake.COLUMN_KEYS_PROPERTY not in properties:
                     # NOTE: a crash before this commit leaves a new table without a
                     # stored layout, so its next write must name column_keys again.
-                    delta_lake.set_column_keys(spark, path, delta_lake.format_column_keys(groups))
+                    delta_lake.set_column_keys(
+                        spark, location, delta_lake.format_column_keys(groups)
+                    )
             added = _record_delta_job(spark, store, job_id, before, write.keys.key_ids)
     log.info(
         "Delta write job %s on table %s (%s) committed: %d file(s)",
@@ -923,7 +924,9 @@ def read_delta(
         len(keys) + len(more),
     )
     with typed_errors():
-        return spark.read.format("delta").options(**reader_options).load(path)
+        return (
+            spark.read.format("delta").options(**reader_options).load(_spark_location(path, store))
+        )
 
 
 def release_keys(spark: SparkSession, path: str | None = None) -> int:

@@ -101,6 +101,20 @@ def test_delta_round_trip_encrypted(
     assert {k.split(".")[1] for k in used} == {"pii", "table"}
 
 
+def test_delta_relative_path_after_chdir(
+    spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The JVM keeps its own working folder, so Spark must get the absolute location.
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    small = flights.limit(40)
+    spark_kms.write_delta(small, "relative_delta", table=table_name, mode="overwrite")
+
+    assert_all_encrypted(tmp_path / "work" / "relative_delta")
+    back = spark_kms.read_delta(spark, "relative_delta")
+    assert_df_equality(small, back, ignore_row_order=True, ignore_nullable=True)
+
+
 def test_delta_rewrites_stay_encrypted(
     spark: SparkSession, flights: DataFrame, table_name: str, tmp_path: Path
 ) -> None:
