@@ -64,7 +64,12 @@ from spark_kms.keyring import (
     resolve_location,
 )
 from spark_kms.keyservice import KeyService
-from spark_kms.options import TABLE_GROUP, WriteOptions, parse_write_options
+from spark_kms.options import (
+    TABLE_GROUP,
+    WriteOptions,
+    append_column_keys,
+    parse_write_options,
+)
 from spark_kms.parquet_crypto import (
     EncryptionPlan,
     check_readable,
@@ -361,26 +366,14 @@ def _check_not_delta(location: str) -> None:
 
 
 def _append_column_keys(table: str, options: WriteOptions, store: KeyringStore) -> WriteOptions:
-    # An append keeps the column-key layout of the table's last write, so that
-    # columns under a column key never move under the table key. Without the
-    # option, the stored layout is used.
-    stored = next(
-        (r.column_keys for r in reversed(store.list_commit_records()) if r.column_keys is not None),
-        None,
+    column_keys = append_column_keys(
+        table,
+        store.last_column_keys(),
+        options.column_keys,
+        option="kms.column_keys",
+        overwrite="mode('overwrite')",
     )
-    if stored is None:
-        return options
-    if not options.column_keys:
-        return replace(options, column_keys={g: list(c) for g, c in stored.items()})
-    normalized = {g: sorted(c) for g, c in options.column_keys.items()}
-    if normalized != {g: sorted(c) for g, c in stored.items()}:
-        layout = "; ".join(f"{g}: {', '.join(c)}" for g, c in stored.items()) or "(none)"
-        raise InvalidOptionError(
-            f"cannot append to table '{table}' with other column keys: its files keep "
-            f"kms.column_keys '{layout}'; pass the same column keys, leave the option out to "
-            "use the table's, or rewrite the table with mode('overwrite')"
-        )
-    return options
+    return replace(options, column_keys=column_keys)
 
 
 def _to_arrow_schema(schema: StructType) -> pa.Schema:

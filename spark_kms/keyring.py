@@ -418,6 +418,11 @@ class KeyringStore:
                 records.append(CommitRecord.from_json(text, path))
         return sorted(records, key=lambda r: (r.committed_at, r.job_id))
 
+    def last_column_keys(self) -> dict[str, list[str]] | None:
+        """Return the column-key layout of the table's last write that recorded one."""
+        records = reversed(self.list_commit_records())
+        return next((r.column_keys for r in records if r.column_keys is not None), None)
+
     def list_data_files(self) -> list[str]:
         """Return the table's Parquet files (relative paths), skipping ``_`` and ``.`` folders."""
         return sorted(self.data_file_sizes())

@@ -40,7 +40,7 @@ from spark_kms.errors import (
 from spark_kms.jobkeys import JobKeys
 from spark_kms.keyring import STAGING_DIR, CommitRecord, KeyringStore, TableMetadata
 from spark_kms.keyservice import KeyService, WriteKeys
-from spark_kms.options import TABLE_GROUP, parse_column_keys
+from spark_kms.options import TABLE_GROUP, append_column_keys, parse_column_keys
 from spark_kms.parquet_crypto import is_encrypted_file
 from spark_kms.spark import _service_of, typed_errors
 from spark_kms.staging import STALE_AFTER_SECONDS, clean_stale_staging
@@ -431,7 +431,13 @@ def write_parquet(
     if mode == "append" and meta.spark_schema and store.list_data_files():
         _check_append_schema(meta, df.schema)
     if mode == "append":
-        groups = _append_groups(meta.table, store, groups, column_keys is not None)
+        groups = append_column_keys(
+            meta.table,
+            store.last_column_keys(),
+            groups,
+            option="column_keys",
+            overwrite="mode='overwrite'",
+        )
 
     job_id = uuid.uuid4().hex[:16]
     spark_staging = f"{_spark_location(path, store)}/{STAGING_DIR}/{job_id}"
@@ -504,29 +510,6 @@ def _check_staged_encrypted(store: KeyringStore, staging: str, files: list[str])
                 f"staged file {name} is not in encrypted footer mode (magic PARE); "
                 "the job is aborted and nothing was committed"
             )
-
-
-def _append_groups(
-    table: str, store: KeyringStore, groups: dict[str, list[str]], given: bool
-) -> dict[str, list[str]]:
-    # An append keeps the column-key layout of the table's last write, as a
-    # kms_parquet append does, so that no column moves under another key.
-    stored = next(
-        (r.column_keys for r in reversed(store.list_commit_records()) if r.column_keys is not None),
-        None,
-    )
-    if stored is None:
-        return groups
-    if not given:
-        return {g: list(c) for g, c in stored.items()}
-    if {g: sorted(c) for g, c in groups.items()} != {g: sorted(c) for g, c in stored.items()}:
-        layout = "; ".join(f"{g}: {', '.join(c)}" for g, c in stored.items()) or "(none)"
-        raise InvalidOptionError(
-            f"cannot append to table '{table}' with other column keys: its files keep "
-            f"column_keys '{layout}'; pass the same column keys, leave them out to use the "
-            "table's, or rewrite the table with mode='overwrite'"
-        )
-    return groups
 
 
 def _staged_files(store: KeyringStore, staging: str) -> list[str]:

@@ -27,7 +27,13 @@ from spark_kms.errors import InvalidOptionError
 from spark_kms.jobkeys import check_name
 from spark_kms.settings import parse_rotation_period
 
-__all__ = ["TABLE_GROUP", "WriteOptions", "parse_column_keys", "parse_write_options"]
+__all__ = [
+    "TABLE_GROUP",
+    "WriteOptions",
+    "append_column_keys",
+    "parse_column_keys",
+    "parse_write_options",
+]
 
 TABLE_GROUP = "table"
 TABLE = "kms.table"
@@ -128,3 +134,33 @@ def parse_write_options(options: Mapping[str, str]) -> WriteOptions:
         partition_by=partition_by,
         rotation_period_days=period,
     )
+
+
+def append_column_keys(
+    table: str,
+    stored: Mapping[str, list[str]] | None,
+    requested: Mapping[str, list[str]] | None,
+    *,
+    option: str,
+    overwrite: str,
+) -> dict[str, list[str]]:
+    """Return the column keys of an append to ``table``, whose last write used ``stored``.
+
+    An append keeps the table's layout, so that no column moves under another
+    key. Without ``requested`` the stored layout is used. ``option`` and
+    ``overwrite`` name the caller's option and overwrite mode in the message.
+
+    :raises InvalidOptionError: if ``requested`` differs from ``stored``.
+    """
+    if stored is None:
+        return {g: list(c) for g, c in (requested or {}).items()}
+    if not requested:
+        return {g: list(c) for g, c in stored.items()}
+    if {g: sorted(c) for g, c in requested.items()} != {g: sorted(c) for g, c in stored.items()}:
+        layout = "; ".join(f"{g}: {', '.join(c)}" for g, c in stored.items()) or "(none)"
+        raise InvalidOptionError(
+            f"cannot append to table '{table}' with other column keys: its files keep "
+            f"{option} '{layout}'; pass the same column keys, leave the option out to use "
+            f"the table's, or rewrite the table with {overwrite}"
+        )
+    return {g: list(c) for g, c in requested.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spark_kms.errors import InvalidOptionError, SparkKmsError
-from spark_kms.options import parse_column_keys, parse_write_options
+from spark_kms.options import append_column_keys, parse_column_keys, parse_write_options
 
 
 def test_column_keys_two_groups() -> None:
@@ -70,3 +70,16 @@ def test_unknown_kms_option() -> None:
 
 def test_option_errors_share_root() -> None:
     assert issubclass(InvalidOptionError, SparkKmsError)
+
+
+def test_append_column_keys_cases() -> None:
+    stored = {"pii": ["tailnum", "flight"]}
+    keep = {"option": "kms.column_keys", "overwrite": "mode('overwrite')"}
+    assert append_column_keys("t", None, {"geo": ["origin"]}, **keep) == {"geo": ["origin"]}
+    assert append_column_keys("t", stored, None, **keep) == stored
+    assert append_column_keys("t", stored, {}, **keep) == stored
+    assert append_column_keys("t", stored, {"pii": ["flight", "tailnum"]}, **keep) == {
+        "pii": ["flight", "tailnum"]
+    }
+    with pytest.raises(InvalidOptionError, match="its files keep kms.column_keys 'pii: tailnum, flight'"):
+        append_column_keys("t", stored, {"geo": ["origin"]}, **keep)
